@@ -3,12 +3,20 @@
 Importing the package registers the CIFAR and MNIST model families with timm and with transformers' Auto classes.
 """
 
+from .config import DistillationArguments
+from .flops import count_flops
+from .losses import feature_mse, kd_loss, mixed_cross_entropy, soft_target_cross_entropy
 from .models import cifar as _cifar  # noqa: F401  (registers cifar_* with timm)
 from .models import mnist as _mnist  # noqa: F401  (registers mnist_* with timm)
-from .config import DistillationArguments
-from .losses import feature_mse, kd_loss, mixed_cross_entropy, soft_target_cross_entropy
 from .teacher import TeacherLoadError, load_teacher
-from .trainer import DistillationCallback, DistillationMixin, DistillationTrainer, forward_model, logits_of
+from .trainer import (
+    DistillationCallback,
+    DistillationMixin,
+    DistillationTrainer,
+    LossMetricsMixin,
+    forward_model,
+    logits_of,
+)
 
 __all__ = [
     "DistillationArguments",
@@ -17,7 +25,9 @@ __all__ = [
     "DistillationCallback",
     "DistillationMixin",
     "DistillationTrainer",
+    "LossMetricsMixin",
     "TeacherLoadError",
+    "count_flops",
     "feature_mse",
     "forward_model",
     "kd_loss",

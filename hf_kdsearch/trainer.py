@@ -35,7 +35,14 @@ from transformers.training_args import ParallelMode
 from .losses import kd_loss, mixed_cross_entropy
 from .teacher import freeze_teacher, input_normalization, load_teacher, prepare_teacher
 
-__all__ = ["DistillationCallback", "DistillationMixin", "DistillationTrainer", "logits_of", "forward_model"]
+__all__ = [
+    "LossMetricsMixin",
+    "DistillationCallback",
+    "DistillationMixin",
+    "DistillationTrainer",
+    "logits_of",
+    "forward_model",
+]
 
 #: Batch keys that steer the loss and are never passed to a model.
 LOSS_KEYS = ("labels", "mix_labels", "mix_weights")
@@ -59,7 +66,7 @@ class DistillationCallback(TrainerCallback):
 
 
 def logits_of(outputs: Any) -> torch.Tensor:
-    """The logits in a model's output: a tensor, a mapping or ModelOutput with `logits`, or a tuple with logits first."""
+    """The logits in a model output: a tensor, a mapping or ModelOutput with `logits`, or a tuple, logits first."""
     if isinstance(outputs, torch.Tensor):
         return outputs
     if isinstance(outputs, Mapping) and "logits" in outputs:
@@ -107,7 +114,67 @@ def _num_classes(model: nn.Module) -> int | None:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class DistillationMixin:
+class LossMetricsMixin:
+    """What every trainer here shares: a per-batch-mean loss made of named, logged components.
+
+    - The loss is a per-batch mean, so the Trainer must divide it by the gradient-accumulation steps. Otherwise N-step
+      accumulation gives N times the gradient on models whose forward takes `**kwargs` (HF vision models).
+    - `record_metric` collects numbers during the step; `log()` flushes their means into the Trainer's log, so they
+      reach `log_history` and every `report_to` integration (values added in a callback's `on_log` do not).
+    - Batches are dicts with `pixel_values` and `labels`, also for timm models whose forward names neither.
+    """
+
+    # transformers >= 5.19 reads this flag ...
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # ... older versions decide from this one (we do no num_items_in_batch normalisation).
+        self.model_accepts_loss_kwargs = False
+        if self.args.label_names is None:
+            # timm models' forward has no `labels` argument; without this the Trainer would drop labels at eval time.
+            self.label_names = ["labels"]
+        self._metrics: dict[str, dict[str, list]] = {"train": {}, "eval": {}}
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        # A timm forward(x) names no dataset column; keep the ones a distillation batch is made of.
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, "pixel_values", *LOSS_KEYS]))
+
+    # ---- metrics ---------------------------------------------------------------------------------------------------
+    def record_metric(self, name: str, value: torch.Tensor | float, mode: str | None = None) -> None:
+        """Add a value to the metric `name`; `log()` reports its mean since the last log, averaged over ranks.
+
+        Tensors are kept on the device until the log, so recording costs no host sync.
+        """
+        if mode is None:
+            mode = "train" if self.model.training else "eval"
+        if isinstance(value, torch.Tensor):
+            value = value.detach().float().reshape(())
+        self._metrics[mode].setdefault(name, []).append(value)
+
+    def _flush_metrics(self, mode: str) -> dict[str, float]:
+        store = self._metrics[mode]
+        if not store:
+            return {}
+        names = sorted(store)
+        device = self.accelerator.device
+        means = torch.stack(
+            [torch.stack([torch.as_tensor(v, device=device).float() for v in store[n]]).mean() for n in names]
+        )
+        if self.accelerator.num_processes > 1:
+            means = self.accelerator.reduce(means, reduction="mean")
+        store.clear()
+        prefix = "eval_" if mode == "eval" else ""
+        return {f"{prefix}{n}": round(v, 6) for n, v in zip(names, means.tolist())}
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        logs.update(self._flush_metrics(mode))
+        super().log(logs, *args, **kwargs)
+
+
+class DistillationMixin(LossMetricsMixin):
     """Adds knowledge distillation to any `transformers.Trainer` subclass.
 
     Put it first among the bases: `class MyTrainer(DistillationMixin, MyExistingTrainer)`. It takes one more keyword,
@@ -120,15 +187,14 @@ class DistillationMixin:
     `loss_kd` and `loss_ce` are logged. Callbacks extend the step through `DistillationCallback`.
     """
 
-    # The loss is a per-batch mean: the Trainer must divide it by the accumulation steps (transformers >= 5.19) ...
-    loss_is_scaled_for_ga = False
-
     def __init__(self, *args, teacher_model: nn.Module | str | None = None, **kwargs):
         if teacher_model is None:
             raise ValueError("DistillationTrainer needs teacher_model= (an nn.Module, a local folder or a Hub id)")
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if training_args is not None and training_args.n_gpu > 1 and (
-            training_args.parallel_mode == ParallelMode.NOT_DISTRIBUTED
+        if (
+            training_args is not None
+            and training_args.n_gpu > 1
+            and (training_args.parallel_mode == ParallelMode.NOT_DISTRIBUTED)
         ):
             raise ValueError(
                 f"{training_args.n_gpu} GPUs are visible but the run was not launched as distributed, so the Trainer "
@@ -137,11 +203,6 @@ class DistillationMixin:
                 "with CUDA_VISIBLE_DEVICES=0."
             )
         super().__init__(*args, **kwargs)
-        # ... and on older versions it decides from this flag (num_items_in_batch normalisation we don't do).
-        self.model_accepts_loss_kwargs = False
-        if self.args.label_names is None:
-            # timm models' forward has no `labels` argument; without this the Trainer would drop labels at eval time.
-            self.label_names = ["labels"]
         if isinstance(teacher_model, str):
             teacher_model = load_teacher(teacher_model)
         if teacher_model is self.model:
@@ -159,7 +220,6 @@ class DistillationMixin:
         self._teacher_keywords = _takes_keywords(teacher_model)
         self._renorm = input_normalization(self.model, teacher_model)
         self._checked_classes = False
-        self._metrics: dict[str, dict[str, list]] = {"train": {}, "eval": {}}
         self.samples_seen = 0
         self.teacher_samples = 0
 
@@ -206,42 +266,6 @@ class DistillationMixin:
     def student_logits(self, model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
         """Student logits for a batch; callbacks use it to score samples (wrap it in `no_grad` yourself)."""
         return logits_of(forward_model(model, inputs))
-
-    # ---- metrics ---------------------------------------------------------------------------------------------------
-    def record_metric(self, name: str, value: torch.Tensor | float, mode: str | None = None) -> None:
-        """Add a value to the metric `name`; `log()` reports its mean since the last log, averaged over ranks.
-
-        Tensors are kept on the device until the log, so recording costs no host sync.
-        """
-        if mode is None:
-            mode = "train" if self.model.training else "eval"
-        if isinstance(value, torch.Tensor):
-            value = value.detach().float().reshape(())
-        self._metrics[mode].setdefault(name, []).append(value)
-
-    def _flush_metrics(self, mode: str) -> dict[str, float]:
-        store = self._metrics[mode]
-        if not store:
-            return {}
-        names = sorted(store)
-        device = self.accelerator.device
-        means = torch.stack([torch.stack([torch.as_tensor(v, device=device).float() for v in store[n]]).mean()
-                             for n in names])
-        if self.accelerator.num_processes > 1:
-            means = self.accelerator.reduce(means, reduction="mean")
-        store.clear()
-        prefix = "eval_" if mode == "eval" else ""
-        return {f"{prefix}{n}": round(v, 6) for n, v in zip(names, means.tolist())}
-
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        logs.update(self._flush_metrics(mode))
-        super().log(logs, *args, **kwargs)
-
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        # A timm forward(x) names no dataset column; keep the ones a distillation batch is made of.
-        self._signature_columns = list(dict.fromkeys([*self._signature_columns, "pixel_values", *LOSS_KEYS]))
 
     # ---- loss ------------------------------------------------------------------------------------------------------
     def _distill_callbacks(self) -> list[DistillationCallback]:
@@ -324,4 +348,3 @@ class DistillationTrainer(DistillationMixin, Trainer):
     trainer.train()
     ```
     """
-

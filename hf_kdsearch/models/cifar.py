@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 from timm.models import build_model_with_cfg, register_model
 from timm.models._registry import generate_default_cfgs
+from torch import nn
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
@@ -65,9 +65,7 @@ class BasicBlock(nn.Module):
             self.bn2 = nn.BatchNorm2d(out_chs)
         self.shortcut = nn.Identity()
         if stride != 1 or in_chs != out_chs:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_chs, out_chs, 1, stride, bias=False), nn.BatchNorm2d(out_chs)
-            )
+            self.shortcut = nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, stride, bias=False), nn.BatchNorm2d(out_chs))
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
@@ -107,6 +105,8 @@ class CifarResNet(nn.Module):
         super().__init__()
         block_widths = _check_widths("CifarResNet", stage_widths, layers, block_widths)
         removed = _normalise_removed(removed_blocks)
+        # The arguments that rebuild this exact shape; hub.save_student writes them into the config.
+        self.model_args = _model_args(layers, stem_width, stage_widths, block_widths, removed, in_chans)
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.conv1 = nn.Conv2d(in_chans, stem_width, 3, 1, 1, bias=False)
@@ -195,6 +195,7 @@ class CifarWideResNet(nn.Module):
         super().__init__()
         block_widths = _check_widths("CifarWideResNet", stage_widths, layers, block_widths)
         removed = _normalise_removed(removed_blocks)
+        self.model_args = _model_args(layers, stem_width, stage_widths, block_widths, removed, in_chans)
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.conv1 = nn.Conv2d(in_chans, stem_width, 3, 1, 1, bias=False)
@@ -223,6 +224,17 @@ class CifarWideResNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.bn_final(self.stages(self.forward_stem(x))))
+
+
+def _model_args(layers, stem_width, stage_widths, block_widths, removed, in_chans) -> dict:
+    return {
+        "layers": [int(n) for n in layers],
+        "stem_width": int(stem_width),
+        "stage_widths": [int(w) for w in stage_widths],
+        "block_widths": block_widths,
+        "removed_blocks": sorted(removed),
+        "in_chans": int(in_chans),
+    }
 
 
 def _init_weights(model: nn.Module) -> None:
@@ -269,7 +281,10 @@ _WRNS = {
     "cifar_wrn_16_1": ((2, 2, 2), 16, (16, 32, 64)),
     "cifar_wrn_40_1": ((6, 6, 6), 16, (16, 32, 64)),
 }
-ARCHITECTURES = {**{k: (CifarResNet, *v) for k, v in _RESNETS.items()}, **{k: (CifarWideResNet, *v) for k, v in _WRNS.items()}}
+ARCHITECTURES = {
+    **{k: (CifarResNet, *v) for k, v in _RESNETS.items()},
+    **{k: (CifarWideResNet, *v) for k, v in _WRNS.items()},
+}
 
 default_cfgs = generate_default_cfgs({f"{name}.untrained": _cfg() for name in ARCHITECTURES})
 

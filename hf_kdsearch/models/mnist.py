@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 from timm.models import build_model_with_cfg, register_model
 from timm.models._registry import generate_default_cfgs
+from torch import nn
 
 MNIST_MEAN = (0.1307,)
 MNIST_STD = (0.3081,)
@@ -36,6 +36,8 @@ class MLP(nn.Module):
         if not hidden_dims or any(int(h) < 1 for h in hidden_dims):
             raise ValueError(f"MLP: hidden_dims must be a non-empty list of positive widths, got {hidden_dims}")
         self.num_classes = num_classes
+        # The arguments that rebuild this exact shape; hub.save_student writes them into the config.
+        self.model_args = {"hidden_dims": [int(h) for h in hidden_dims], "in_chans": in_chans, "img_size": img_size}
         layers, width = [], in_chans * img_size * img_size
         for h in hidden_dims:
             layers += [nn.Linear(width, int(h)), nn.ReLU(), nn.Dropout(drop_rate)]
@@ -81,6 +83,7 @@ class SmallCNN(nn.Module):
             raise ValueError(f"SmallCNN: widths must be a non-empty list of positive widths, got {widths}")
         self.num_classes = num_classes
         self.drop_rate = drop_rate
+        self.model_args = {"widths": [int(w) for w in widths], "pool_every": pool_every, "in_chans": in_chans}
         layers, chs = [], in_chans
         for i, w in enumerate(widths):
             layers += [nn.Conv2d(chs, int(w), 3, 1, 1, bias=False), nn.BatchNorm2d(int(w)), nn.ReLU()]
