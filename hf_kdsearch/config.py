@@ -45,7 +45,53 @@ class DistillationArguments(TrainingArguments):
         },
     )
 
+    # ---- GPU data path (hf_kdsearch/fastpath.py) ------------------------------------------------------------------
+    device_augment: bool = field(
+        default=False,
+        metadata={
+            "help": "Take pixel_values as uint8 (N, C, H, W) images and, on the device, augment them in training "
+            "(random crop with augment_padding zero padding, horizontal flip) and normalise them with "
+            "image_mean/image_std, with no host sync. Keep the dataset as uint8 on the GPU or in pinned memory "
+            "(hf_kdsearch.DeviceImageDataset). Host-to-device copies of pinned batches become non-blocking."
+        },
+    )
+    augment_padding: int = field(
+        default=4, metadata={"help": "Zero padding, in pixels, of the random crop under device_augment; 0: no crop."}
+    )
+    augment_flip: bool = field(
+        default=True, metadata={"help": "Random horizontal flip under device_augment (training batches only)."}
+    )
+    image_mean: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Per-channel mean of [0, 1] images for device_augment's normalisation. Default: the student's "
+            "timm pretrained_cfg mean."
+        },
+    )
+    image_std: list[float] | None = field(
+        default=None,
+        metadata={"help": "Per-channel std for device_augment's normalisation. Default: the student's pretrained_cfg."},
+    )
+    channels_last: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep student and teacher weights (and, with device_augment, input batches) in channels_last "
+            "memory format: faster convolutions on tensor-core GPUs. For conv nets."
+        },
+    )
+
     def __post_init__(self):
+        if not isinstance(self.augment_padding, int) or self.augment_padding < 0:
+            raise ValueError(f"augment_padding must be an integer >= 0, got augment_padding={self.augment_padding!r}")
+        if (self.image_mean is None) != (self.image_std is None) or (
+            self.image_mean is not None and len(self.image_mean) != len(self.image_std)
+        ):
+            raise ValueError(
+                "image_mean and image_std go together, one value per channel each; got "
+                f"image_mean={self.image_mean!r}, image_std={self.image_std!r}"
+            )
+        if self.image_std is not None and any(s <= 0 for s in self.image_std):
+            raise ValueError(f"image_std must be > 0 in every channel, got image_std={self.image_std!r}")
         if not (isinstance(self.alpha, int | float) and 0.0 <= self.alpha <= 1.0):
             raise ValueError(f"alpha must lie in [0, 1] (it weights the KD term against CE), got alpha={self.alpha!r}")
         if not (isinstance(self.temperature, int | float) and math.isfinite(self.temperature) and self.temperature > 0):
@@ -53,3 +99,6 @@ class DistillationArguments(TrainingArguments):
         if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES} or None, got {self.teacher_dtype!r}")
         super().__post_init__()
+        if self.device_augment and self.dataloader_pin_memory:
+            # A blocking copy from pinned memory waits for every queued kernel: one host sync per step.
+            self.accelerator_config.non_blocking = True

@@ -32,6 +32,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.training_args import ParallelMode
 
+from .fastpath import setup_fast_path
 from .losses import kd_loss, mixed_cross_entropy
 from .teacher import freeze_teacher, input_normalization, load_teacher, prepare_teacher
 
@@ -40,6 +41,7 @@ __all__ = [
     "DistillationCallback",
     "DistillationMixin",
     "DistillationTrainer",
+    "ClassificationTrainer",
     "logits_of",
     "forward_model",
 ]
@@ -135,6 +137,14 @@ class LossMetricsMixin:
             # timm models' forward has no `labels` argument; without this the Trainer would drop labels at eval time.
             self.label_names = ["labels"]
         self._metrics: dict[str, dict[str, list]] = {"train": {}, "eval": {}}
+        # GPU data path (fastpath.py): channels_last weights; uint8 batches augmented and normalised on the device.
+        self.device_augment = setup_fast_path(self)
+
+    def _prepare_inputs(self, inputs):
+        inputs = super()._prepare_inputs(inputs)
+        if self.device_augment is not None:
+            inputs = self.device_augment(inputs, train=self.model.training)
+        return inputs
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -216,6 +226,8 @@ class DistillationMixin(LossMetricsMixin):
         if t_classes is not None and s_classes is not None and t_classes != s_classes:
             raise ValueError(f"teacher predicts {t_classes} classes but the student {s_classes}; they must agree")
         self.teacher_model = freeze_teacher(teacher_model)
+        if self._arg("channels_last", False):
+            self.teacher_model.to(memory_format=torch.channels_last)
         self._teacher_prepared = False
         self._teacher_keywords = _takes_keywords(teacher_model)
         self._renorm = input_normalization(self.model, teacher_model)
@@ -348,3 +360,20 @@ class DistillationTrainer(DistillationMixin, Trainer):
     trainer.train()
     ```
     """
+
+
+class ClassificationTrainer(LossMetricsMixin, Trainer):
+    """A `Trainer` for image classifiers that return logits (timm, transformers or plain modules), with cross-entropy.
+
+    It trains teachers and the "student alone" baselines with exactly the batch handling, gradient-accumulation
+    scaling and logging of `DistillationTrainer`, so the comparison between the two differs only in the loss.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        if labels is None:
+            raise ValueError(f"ClassificationTrainer needs 'labels' in the batch, got keys {sorted(inputs)}")
+        logits = logits_of(forward_model(model, inputs))
+        loss = mixed_cross_entropy(logits, labels, inputs.get("mix_labels"), inputs.get("mix_weights"))
+        self.record_metric("loss_ce", loss)
+        return (loss, {"logits": logits}) if return_outputs else loss

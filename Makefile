@@ -1,0 +1,44 @@
+# Two commands do everything on a fresh machine:
+#   make quickstart   set up .venv, then distil a teacher into a small student on the bundled MNIST digits (offline)
+#   make test         set up .venv, then lint and run the default test suite (offline, CPU)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# pip on the project's machines takes these from local disk; elsewhere override, e.g. TORCH="torch torchvision".
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup quickstart test test-slow lint format bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+quickstart: setup
+	$(PY) recipes/mnist_quickstart.py
+
+lint: setup
+	$(PY) -m ruff check hf_kdsearch recipes tests benchmarks
+	$(PY) -m ruff format --check hf_kdsearch recipes tests benchmarks
+
+format: setup
+	$(PY) -m ruff check --fix hf_kdsearch recipes tests benchmarks
+	$(PY) -m ruff format hf_kdsearch recipes tests benchmarks
+
+test: lint
+	$(PY) -m pytest -q -ra --durations=15
+
+test-slow: setup
+	$(PY) -m pytest -q -ra -m slow
+
+bench: setup
+	$(PY) benchmarks/throughput.py --smoke
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache

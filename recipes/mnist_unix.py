@@ -1,0 +1,173 @@
+"""UNIX against plain KD on 10,000 real MNIST digits: held-out errors and the teacher's measured work, per seed.
+
+    OMP_NUM_THREADS=1 python recipes/mnist_unix.py                   # 5 seeds, 4 runs each, about 7 CPU-minutes
+    OMP_NUM_THREADS=1 python recipes/mnist_unix.py --seeds 0 1 2 --runs kd unix
+
+Set-up (METHODS.md, "Measured here"): a teacher MLP 784-512-512-10 with dropout 0.3 trained with AdamW (seed 0, shared
+by every run); students MLP 784-64-10, 10 epochs, batch 64, SGD momentum 0.9, lr 0.05 with linear decay, T = 4,
+alpha = 0.9. For each seed every run starts from the same student initialisation and sees the same data order:
+
+- `kd`: plain KD, the teacher runs on all 64 samples of a batch;
+- `unix`: `UncertaintyMixupCallback(select_ratio=0.75, uncertainty="entropy", mixup=True)`, the paper's setting;
+- `unix_nomix`: the same selection without mixup;
+- `random`: 48 of 64 samples chosen at random, with the same rank mixup (the control for the uncertainty score).
+
+The teacher's work is measured by a forward hook on the teacher (samples it ran on during training), next to the
+trainer's own counters; the cost ratio is `k/N + 1/(F_t/F_s + 2)` with FLOPs from `count_flops`.
+Results (2 shared CPU cores, torch 2.14, transformers 5.23) are in docs/unix.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import timm
+import torch
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, set_seed
+
+import hf_kdsearch
+from hf_kdsearch import (
+    ClassificationTrainer,
+    DistillationArguments,
+    DistillationTrainer,
+    UncertaintyMixupCallback,
+    count_flops,
+    load_mnist10k,
+)
+from hf_kdsearch.data import collate_tensor_batch
+
+RUNS = {
+    "kd": None,
+    "unix": {"select_ratio": 0.75, "uncertainty": "entropy", "mixup": True},
+    "unix_nomix": {"select_ratio": 0.75, "uncertainty": "entropy", "mixup": False},
+    "random": {"select_ratio": 0.75, "uncertainty": "random", "mixup": True},
+}
+
+
+@dataclass
+class UnixArguments:
+    output_dir: str = field(default="out/mnist_unix", metadata={"help": "Where results.json goes."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "Student seeds."})
+    runs: list[str] = field(default_factory=lambda: list(RUNS), metadata={"help": f"Any of {list(RUNS)}."})
+    teacher_epochs: float = field(default=10, metadata={"help": "Teacher training epochs (AdamW, lr 1e-3)."})
+    student_epochs: float = field(default=10, metadata={"help": "Student training epochs."})
+
+
+def training_args(out: str, seed: int, epochs: float, **overrides) -> DistillationArguments:
+    return DistillationArguments(
+        output_dir=out,
+        seed=seed,
+        num_train_epochs=epochs,
+        per_device_train_batch_size=64,
+        lr_scheduler_type="linear",
+        weight_decay=0.0,
+        logging_steps=125,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        **overrides,
+    )
+
+
+def new_student() -> torch.nn.Module:
+    return timm.create_model("mnist_mlp", hidden_dims=[64])
+
+
+@torch.no_grad()
+def held_out_errors(model: torch.nn.Module, dataset) -> int:
+    model.eval()
+    logits = model(dataset.images)
+    return int((logits.argmax(-1) != dataset.labels).sum())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (a,) = HfArgumentParser(UnixArguments).parse_args_into_dataclasses(argv)
+    unknown = set(a.runs) - set(RUNS)
+    if unknown:
+        raise ValueError(f"unknown runs {sorted(unknown)}; choose from {list(RUNS)}")
+    train, held_out = load_mnist10k()
+    common = {"train_dataset": train, "data_collator": collate_tensor_batch}
+    started = time.time()
+
+    set_seed(0)
+    teacher = timm.create_model("mnist_mlp", hidden_dims=[512, 512], drop_rate=0.3)
+    targs = training_args(f"{a.output_dir}/teacher", 0, a.teacher_epochs, optim="adamw_torch", learning_rate=1e-3)
+    ClassificationTrainer(model=teacher, args=targs, **common).train()
+    teacher_errors = held_out_errors(teacher, held_out)
+    print(f"teacher 784-512-512-10: {teacher_errors} held-out errors")
+
+    # Measured once here rather than by each callback, so the hook below counts training forwards only.
+    flops = {"teacher": count_flops(teacher, (1, 28, 28)), "student": count_flops(new_student(), (1, 28, 28))}
+    flops_ratio = flops["teacher"] / flops["student"]
+
+    # Every forward the teacher runs, whoever calls it, is counted here.
+    seen_by_teacher = [0]
+    teacher.register_forward_hook(lambda mod, args, out: seen_by_teacher.__setitem__(0, seen_by_teacher[0] + len(out)))
+
+    results: dict[str, list[dict]] = {run: [] for run in a.runs}
+    jobs = [(seed, run) for seed in a.seeds for run in a.runs]
+    for seed, run in tqdm(jobs, desc="students", unit="run"):
+        set_seed(seed)  # the same initial student for every run of a seed
+        student = new_student()
+        sgd = {"optim": "sgd", "optim_args": "momentum=0.9", "learning_rate": 0.05}
+        args = training_args(f"{a.output_dir}/{run}-{seed}", seed, a.student_epochs, temperature=4.0, alpha=0.9, **sgd)
+        cb = None if RUNS[run] is None else UncertaintyMixupCallback(**RUNS[run], teacher_flops_ratio=flops_ratio)
+        callbacks = [] if cb is None else [cb]
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, callbacks=callbacks, **common)
+        seen_by_teacher[0] = 0
+        t0 = time.time()
+        trainer.train()
+        row = {
+            "seed": seed,
+            "errors": held_out_errors(student, held_out),
+            "teacher_samples_hook": seen_by_teacher[0],
+            "teacher_samples": trainer.teacher_samples,
+            "samples_seen": trainer.samples_seen,
+            "train_seconds": round(time.time() - t0, 2),
+        }
+        if cb is not None:
+            row["cost_ratio"] = cb.totals["cost_ratio"]
+            row["teacher_forwards"] = cb.totals["teacher_forwards"]
+        else:
+            row["cost_ratio"] = 1.0
+        if row["teacher_samples_hook"] != row["teacher_samples"]:
+            raise RuntimeError(f"teacher hook counted {row['teacher_samples_hook']}, trainer {row['teacher_samples']}")
+        results[run].append(row)
+
+    minutes = (time.time() - started) / 60
+    print(
+        f"\nHeld-out errors on 2,000 MNIST digits, seeds {a.seeds}; teacher {teacher_errors} errors; {minutes:.1f} min"
+    )
+    print(f"F_t / F_s = {flops['teacher']:,} / {flops['student']:,} = {flops_ratio:.2f}")
+    header = ["run", "errors per seed", "mean", "std", "teacher samples", "share", "cost"]
+    print("{:<11} {:<28} {:>6} {:>5}  {:>15}  {:>6}  {:>6}".format(*header))
+    for run, rows in results.items():
+        errs = [r["errors"] for r in rows]
+        share = np.mean([r["teacher_samples_hook"] / r["samples_seen"] for r in rows])
+        print(
+            f"{run:<11} {str(errs):<28} {np.mean(errs):>6.1f} {np.std(errs, ddof=1) if len(errs) > 1 else 0:>5.1f}  "
+            f"{rows[0]['teacher_samples_hook']:>15,}  {share:>6.1%}  {np.mean([r['cost_ratio'] for r in rows]):>6.1%}"
+        )
+    summary = {
+        "teacher_errors": teacher_errors,
+        "flops": flops,
+        "results": results,
+        "seeds": a.seeds,
+        "minutes": minutes,
+        "versions": {"hf_kdsearch": hf_kdsearch.__version__, "torch": torch.__version__},
+    }
+    os.makedirs(a.output_dir, exist_ok=True)
+    with open(f"{a.output_dir}/results.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

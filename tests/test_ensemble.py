@@ -1,0 +1,292 @@
+"""Online ensemble compression: widths, shared stem, export, loss identities and the trainer."""
+
+import copy
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import random_images
+from safetensors.torch import load_file
+from transformers import EvalPrediction, TrainingArguments
+
+from hf_kdsearch import DistillationArguments, OnlineEnsemble, OnlineEnsembleTrainer, build_ensemble
+from hf_kdsearch.data import collate_tensor_batch
+from hf_kdsearch.ensemble import ensemble_accuracy, ensemble_loss_terms, student_widths
+from hf_kdsearch.losses import kd_loss
+
+
+def tiny_ensemble(num_students: int = 3, arch: str = "cifar_resnet8", **kwargs) -> OnlineEnsemble:
+    torch.manual_seed(0)
+    return build_ensemble(
+        arch, num_students=num_students, num_classes=10, in_chans=1, stage_widths=(6, 12, 24), **kwargs
+    )
+
+
+def num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def args(tmp_path, **overrides) -> DistillationArguments:
+    base = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=32,
+        learning_rate=0.05,
+        optim="sgd",
+        optim_args="momentum=0.9,nesterov=True",
+        max_steps=3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    return DistillationArguments(**{**base, **overrides})
+
+
+# ---- structure -------------------------------------------------------------------------------------------------------
+
+
+def test_width_rule_matches_the_paper():
+    assert student_widths([16, 32, 64], 5) == [[16, 32, 64], [12, 25, 51], [9, 19, 38], [6, 12, 25], [3, 6, 12]]
+    assert student_widths([16, 32, 64], 4) == [[16, 32, 64], [12, 24, 48], [8, 16, 32], [4, 8, 16]]
+
+
+def test_resnet110_student_sizes_reproduce_table_1():
+    ens = build_ensemble("cifar_resnet110", num_students=5, num_classes=10)
+    counts = [num_params(ens.export_student(j)) for j in range(5)]
+    assert counts[0] == 1_730_714  # option-B resnet110 at 10 classes
+    assert [round(100 * c / counts[0], 2) for c in counts] == [100.0, 62.79, 35.26, 15.15, 3.64]
+    # The stem is stored once: the ensemble holds every student's own weights, one stem and the adapters.
+    stem = sum(p.numel() for n, p in ens.students[0].named_parameters() if n.startswith(("conv1.", "bn1.")))
+    assert stem == 16 * 3 * 9 + 2 * 16
+    assert num_params(ens) == sum(counts) - 4 * stem + num_params(ens.adapters)
+
+
+def test_narrow_students_use_the_shared_stem():
+    ens = tiny_ensemble()
+    assert all(not hasattr(s, "conv1") and not hasattr(s, "bn1") for s in ens.students[1:])
+    x = torch.randn(4, 1, 12, 12)
+    out = ens(pixel_values=x)
+    out["student_logits"][2].sum().backward()
+    # The smallest student's loss reaches the stem inside student 0, and not student 0's own stages.
+    assert ens.students[0].conv1.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in ens.students[0].stages.parameters())
+    # Option B: the narrowest student's first block projects the 16-wide shared stem to its 2 channels.
+    assert ens.students[2].stages[0][0].shortcut[0].weight.shape == (2, 16, 1, 1)
+
+
+def test_forward_returns_the_mean_and_every_student():
+    ens = tiny_ensemble()
+    x = torch.randn(5, 1, 12, 12)
+    out = ens(pixel_values=x, output_features=True)
+    assert len(out["student_logits"]) == 3 and all(z.shape == (5, 10) for z in out["student_logits"])
+    torch.testing.assert_close(out["logits"], torch.stack(out["student_logits"]).mean(0))
+    assert [[f.shape[1] for f in feats] for feats in out["student_features"]] == ens.widths
+    # Adapters map every narrow student to student 0's widths at each of the 3 stage ends.
+    for adapted in out["adapted_features"]:
+        assert [a.shape for a in adapted] == [f.shape for f in out["student_features"][0]]
+    assert "student_features" not in ens(pixel_values=x)
+
+
+@pytest.mark.parametrize("arch", ["cifar_resnet8", "cifar_wrn_16_1"])
+def test_exported_student_is_standalone_with_equal_logits(arch):
+    ens = tiny_ensemble(arch=arch)
+    x = torch.randn(6, 1, 12, 12)
+    with torch.no_grad():
+        for _ in range(3):  # move the BN running statistics away from their initial values
+            ens(pixel_values=x * 3 + 1)
+    ens.eval()
+    out = ens(pixel_values=x)
+    for j in range(ens.num_students):
+        student = ens.export_student(j)
+        assert not student.training
+        assert student.model_args["stage_widths"] == ens.widths[j]
+        assert student.pretrained_cfg["architecture"] == arch
+        torch.testing.assert_close(student(x), out["student_logits"][j], rtol=0, atol=0)
+        # Rebuilding from model_args gives the same shape: the export is an ordinary member of the family.
+        rebuilt = timm.create_model(arch, num_classes=10, **student.model_args)
+        rebuilt.load_state_dict(student.state_dict())
+        # It shares no storage with the ensemble.
+        ens_ptrs = {p.data_ptr() for p in ens.parameters()}
+        assert not any(p.data_ptr() in ens_ptrs for p in student.parameters())
+
+
+def test_bad_inputs_are_rejected_with_the_value():
+    with pytest.raises(ValueError, match="num_students=1"):
+        build_ensemble("cifar_resnet8", num_students=1)
+    with pytest.raises(ValueError, match="too narrow"):
+        build_ensemble("cifar_resnet8", num_students=5, stage_widths=(4, 8, 16))
+    with pytest.raises(ValueError, match="unknown architecture 'resnet18'"):
+        build_ensemble("resnet18")
+    with pytest.raises(ValueError, match="block_widths"):
+        build_ensemble("cifar_resnet8", block_widths=[[4], [4], [4]])
+    with pytest.raises(IndexError, match="got 3"):
+        tiny_ensemble().export_student(3)
+
+
+# ---- loss maths ------------------------------------------------------------------------------------------------------
+
+
+def _terms(logits, features, adapted, temperature=2.0):
+    return ensemble_loss_terms(logits, torch.tensor([1, 2, 3]), features, adapted, temperature)
+
+
+def test_loss_terms_vanish_when_students_agree():
+    z = torch.randn(3, 10)
+    f = [torch.randn(3, 4, 2, 2)]
+    terms = _terms([z, z.clone(), z.clone()], [f, f, f], [f, f])
+    assert terms["kd"].abs() < 1e-6 and terms["int"] == 0
+    torch.testing.assert_close(terms["ce_student1"], torch.nn.functional.cross_entropy(z, torch.tensor([1, 2, 3])))
+
+
+def test_kd_term_distils_every_student_from_the_detached_mean():
+    logits = [torch.randn(3, 10, requires_grad=True) for _ in range(3)]
+    f = [torch.zeros(3, 1)]
+    terms = _terms(logits, [f] * 3, [f] * 2, temperature=3.0)
+    mean = torch.stack([z.detach() for z in logits]).mean(0)
+    expected = sum(kd_loss(z, mean, 3.0) for z in logits)
+    torch.testing.assert_close(terms["kd"], expected)
+    # The teacher is detached: the gradient on student 0 is that of its own KL term against a constant target.
+    (grad,) = torch.autograd.grad(terms["kd"], logits[0])
+    (own,) = torch.autograd.grad(kd_loss(logits[0], mean, 3.0), logits[0])
+    torch.testing.assert_close(grad, own)
+
+
+def test_feature_term_sums_stages_and_leaves_the_pseudo_teacher_alone():
+    teacher = [torch.randn(2, 4, 3, 3, requires_grad=True) for _ in range(3)]
+    adapted = [[torch.randn(2, 4, 3, 3, requires_grad=True) for _ in range(3)] for _ in range(2)]
+    terms = ensemble_loss_terms(
+        [torch.randn(2, 5) for _ in range(3)], torch.tensor([0, 1]), [teacher, teacher, teacher], adapted
+    )
+    expected = sum(((a - t) ** 2).mean() for stage in adapted for a, t in zip(stage, teacher))
+    torch.testing.assert_close(terms["int"], expected)
+    terms["int"].backward()
+    assert all(t.grad is None for t in teacher) and all(a.grad is not None for s in adapted for a in s)
+
+
+def test_ensemble_accuracy_counts_students_and_ensemble():
+    labels = np.array([0, 1, 1, 0])
+    preds = np.zeros((4, 3, 2))
+    preds[:, 0, 0] = 1  # student 0 always says 0: 2/4
+    preds[:, 1] = np.eye(2)[labels]  # student 1 always right
+    preds[:, 2] = np.eye(2)[1 - labels]  # ensemble always wrong
+    assert ensemble_accuracy(EvalPrediction(preds, labels)) == {
+        "acc_student0": 0.5,
+        "acc_student1": 1.0,
+        "acc_ensemble": 0.0,
+    }
+
+
+# ---- trainer ---------------------------------------------------------------------------------------------------------
+
+
+def test_trainer_loss_is_the_weighted_sum_of_its_logged_terms(tmp_path):
+    ens = tiny_ensemble()
+    data = random_images(32, shape=(1, 12, 12))
+    trainer = OnlineEnsembleTrainer(
+        model=ens, args=args(tmp_path), ce_weight=0.5, feature_weight=0.3, kd_weight=0.2, temperature=3.0
+    )
+    batch = {"pixel_values": data.images[:8], "labels": data.labels[:8]}
+    loss = trainer.compute_loss(ens, batch)
+    out = ens(pixel_values=batch["pixel_values"], output_features=True)
+    t = ensemble_loss_terms(
+        out["student_logits"], batch["labels"], out["student_features"], out["adapted_features"], 3.0
+    )
+    expected = 0.5 * sum(t[f"ce_student{j}"] for j in range(3)) + 0.3 * t["int"] + 0.2 * t["kd"]
+    torch.testing.assert_close(loss, expected)
+    logged = trainer._flush_metrics("train")
+    assert logged["loss_ce"] + logged["loss_int"] + logged["loss_kd"] == pytest.approx(loss.item(), rel=1e-5)
+    assert logged["ce_student2"] == pytest.approx(t["ce_student2"].item(), rel=1e-5)
+
+
+def test_trainer_trains_every_student_and_adapter_and_logs_components(tmp_path):
+    ens = tiny_ensemble()
+    before = copy.deepcopy(ens.state_dict())
+    data = random_images(48, shape=(1, 12, 12))
+    trainer = OnlineEnsembleTrainer(
+        model=ens, args=args(tmp_path), train_dataset=data, data_collator=collate_tensor_batch
+    )
+    assert (trainer.ce_weight, trainer.feature_weight, trainer.kd_weight, trainer.temperature) == (0.7, 0.15, 0.15, 2)
+    trainer.train()
+    after = ens.state_dict()
+    for name, _ in ens.named_parameters():
+        assert not torch.equal(before[name], after[name]), f"{name} was not trained"
+    logs = [entry for entry in trainer.state.log_history if "loss_kd" in entry]
+    assert len(logs) == 3
+    for key in ("loss_ce", "loss_int", "loss_kd", "ce_student0", "ce_student1", "ce_student2"):
+        assert all(np.isfinite(entry[key]) for entry in logs), key
+    assert logs[0]["loss_int"] > 0 and logs[0]["loss_kd"] > 0
+
+
+def test_evaluate_reports_each_student_and_the_ensemble(tmp_path):
+    ens = tiny_ensemble()
+    data = random_images(40, shape=(1, 12, 12))
+    trainer = OnlineEnsembleTrainer(
+        model=ens, args=args(tmp_path), eval_dataset=data, data_collator=collate_tensor_batch
+    )
+    metrics = trainer.evaluate()
+    ens.eval()
+    with torch.no_grad():
+        out = ens(pixel_values=data.images)
+    for j in range(3):
+        expected = (out["student_logits"][j].argmax(-1) == data.labels).float().mean().item()
+        assert metrics[f"eval_acc_student{j}"] == pytest.approx(expected)
+    assert metrics["eval_acc_ensemble"] == pytest.approx(
+        (out["logits"].argmax(-1) == data.labels).float().mean().item()
+    )
+    for key in ("eval_loss", "eval_loss_ce", "eval_loss_int", "eval_loss_kd", "eval_ce_student1"):
+        assert key in metrics
+    # predict() on unlabelled data gives the stacked logits: students, then the ensemble.
+    unlabelled = [{"pixel_values": x} for x in data.images[:7]]
+    pred = trainer.predict(unlabelled).predictions
+    assert pred.shape == (7, 4, 10)
+    np.testing.assert_allclose(pred[:, 3], out["logits"][:7].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    data = random_images(32, shape=(1, 12, 12))
+    states = []
+    for bs, ga in ((16, 1), (8, 2)):
+        ens = tiny_ensemble()
+        # Eval-mode BN makes the two splits compute the same function; the test is about loss scaling.
+        ens.eval()
+        ens.train = lambda mode=True, _m=ens: _m
+        trainer = OnlineEnsembleTrainer(
+            model=ens,
+            args=args(tmp_path, per_device_train_batch_size=bs, gradient_accumulation_steps=ga, max_steps=1),
+            train_dataset=data,
+            data_collator=collate_tensor_batch,
+        )
+        trainer.train()
+        states.append(ens.state_dict())
+    for name in states[0]:
+        torch.testing.assert_close(states[0][name], states[1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_checkpoint_holds_students_and_adapters_and_reloads(tmp_path):
+    ens = tiny_ensemble()
+    trainer = OnlineEnsembleTrainer(model=ens, args=args(tmp_path))
+    trainer.save_model(str(tmp_path / "ckpt"))
+    state = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    assert any(k.startswith("adapters.") for k in state)
+    fresh = build_ensemble("cifar_resnet8", num_students=3, num_classes=10, in_chans=1, stage_widths=(6, 12, 24))
+    fresh.load_state_dict(state)
+    x = torch.randn(2, 1, 12, 12)
+    torch.testing.assert_close(fresh.eval()(pixel_values=x)["logits"], ens.eval()(pixel_values=x)["logits"])
+
+
+def test_trainer_rejects_bad_settings(tmp_path, caplog):
+    with pytest.raises(ValueError, match="kd_weight=-1"):
+        OnlineEnsembleTrainer(model=tiny_ensemble(), args=args(tmp_path), kd_weight=-1)
+    with pytest.raises(ValueError, match="temperature=0"):
+        OnlineEnsembleTrainer(model=tiny_ensemble(), args=args(tmp_path), temperature=0)
+    with pytest.raises(TypeError, match="got CifarResNet"):
+        OnlineEnsembleTrainer(model=timm.create_model("cifar_resnet8"), args=args(tmp_path))
+    # Plain TrainingArguments work; DistillationArguments' own temperature is reported as unused.
+    OnlineEnsembleTrainer(model=tiny_ensemble(), args=TrainingArguments(str(tmp_path), use_cpu=True, report_to="none"))
+    with caplog.at_level("WARNING", logger="hf_kdsearch.ensemble"):
+        OnlineEnsembleTrainer(model=tiny_ensemble(), args=args(tmp_path, temperature=3.0))
+    assert "ignores args.temperature" in caplog.text

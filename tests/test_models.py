@@ -1,0 +1,89 @@
+"""The CIFAR and MNIST families registered with timm: sizes, configs, and rebuilding from model_args."""
+
+import pytest
+import timm
+import torch
+
+from hf_kdsearch.models.cifar import CIFAR100_MEAN, CIFAR100_STD
+
+# METHODS.md, section 1: parameter counts at 100 classes with option-B shortcuts.
+PARAMS = {
+    "cifar_resnet20": 278_324,
+    "cifar_resnet56": 861_620,
+    "cifar_resnet110": 1_736_564,
+    "cifar_resnet8x4": 1_233_540,
+    "cifar_resnet32x4": 7_433_860,
+}
+ALL = [
+    "cifar_resnet20",
+    "cifar_resnet32",
+    "cifar_resnet44",
+    "cifar_resnet56",
+    "cifar_resnet110",
+    "cifar_resnet8x4",
+    "cifar_resnet32x4",
+    "cifar_wrn_16_2",
+    "cifar_wrn_40_2",
+]
+
+
+@pytest.mark.parametrize("name, expected", PARAMS.items())
+def test_parameter_counts_match_the_papers(name, expected):
+    model = timm.create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_registered_with_cifar_pretrained_cfg(name):
+    assert name in timm.list_models("cifar_*")
+    model = timm.create_model(name)
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == (3, 32, 32) and cfg["num_classes"] == 100
+    assert tuple(cfg["mean"]) == CIFAR100_MEAN and tuple(cfg["std"]) == CIFAR100_STD
+
+
+def test_depths_follow_6n_plus_2():
+    for depth in (20, 32, 44, 56, 110):
+        model = timm.create_model(f"cifar_resnet{depth}")
+        convs = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and "shortcut" not in n]
+        assert len(convs) + 1 == depth  # 3x3 convs plus the classifier
+
+
+def test_wrn_widths_and_forward_shape():
+    model = timm.create_model("cifar_wrn_40_2", num_classes=10).eval()
+    assert model.num_features == 128
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("cifar_resnet20", {"block_widths": [[4, 16, 8], [32, 1, 9], [64, 3, 2]], "removed_blocks": ["1.2", (2, 0)]}),
+        ("cifar_wrn_16_2", {"block_widths": [[3, 32], [64, 5], [7, 128]], "removed_blocks": ["0.1"]}),
+        ("mnist_mlp", {"hidden_dims": [31, 17]}),
+        ("mnist_cnn", {"widths": [3, 5, 7, 9]}),
+    ],
+)
+def test_model_args_rebuild_the_same_shapes(name, kwargs):
+    model = timm.create_model(name, num_classes=10, **kwargs)
+    rebuilt = timm.create_model(name, num_classes=10, **model.model_args)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in rebuilt.state_dict().items()}
+    rebuilt.load_state_dict(model.state_dict())
+
+
+def test_removed_block_keeps_only_its_shortcut():
+    model = timm.create_model("cifar_resnet20", removed_blocks=["0.1"]).eval()
+    block = model.stages[0][1]
+    assert not block.has_branch and not hasattr(block, "conv1")
+    x = torch.rand(1, 16, 32, 32)  # post-ReLU input: the block is then the identity
+    torch.testing.assert_close(block(x), x)
+
+
+def test_bad_widths_are_refused_with_the_values():
+    with pytest.raises(ValueError, match=r"block_widths \[\[16\]\]"):
+        timm.create_model("cifar_resnet20", block_widths=[[16]])
+    with pytest.raises(ValueError, match="remove the block instead"):
+        timm.create_model("cifar_resnet8", block_widths=[[0], [32], [64]])
+    with pytest.raises(ValueError, match="hidden_dims"):
+        timm.create_model("mnist_mlp", hidden_dims=[])
