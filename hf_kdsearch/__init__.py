@@ -33,6 +33,15 @@ __all__ = [
     "DistillationArguments",
     "TensorImageDataset",
     "load_mnist10k",
+    "DatasetLoadError",
+    "DeviceAugment",
+    "DeviceImageDataset",
+    "TopKAccuracy",
+    "load_image_dataset",
+    "load_topk_accuracy",
+    "normalize_images",
+    "random_crop_flip",
+    "to_uint8_tensors",
     "DistillationCallback",
     "DistillationMixin",
     "DistillationTrainer",
@@ -65,14 +74,16 @@ __all__ = [
 
 # Later modules append their imports below, one block each.
 # [ensemble]
-from .data import TensorImageDataset, load_mnist10k  # noqa: E402
+from .data import DatasetLoadError, TensorImageDataset, load_image_dataset, load_mnist10k, to_uint8_tensors  # noqa: E402
 
 # [selection]
 from .ensemble import OnlineEnsemble, OnlineEnsembleTrainer, build_ensemble  # noqa: E402
+from .fastpath import DeviceAugment, DeviceImageDataset, normalize_images, random_crop_flip  # noqa: E402
 
 # [hub]
 from .gates import add_gates, extract_student, flops_weighted_l1, gate_parameters  # noqa: E402
 from .hub import HubUnavailableError, load_student, push_student, save_student  # noqa: E402
+from .metrics import TopKAccuracy, load_topk_accuracy  # noqa: E402
 from .search import GateSearchCallback, plot_widths, search_report  # noqa: E402
 
 # [gates]
@@ -86,4 +97,5 @@ from .selection import (  # noqa: E402
     uncertainty_scores,
     unix_cost_ratio,
 )
+
 # [data]

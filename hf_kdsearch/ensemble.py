@@ -4,9 +4,9 @@ Walawalkar, Shen & Savvides, "Online Ensemble Model Compression using Knowledge 
 https://arxiv.org/abs/2011.07449.
 
 `build_ensemble(arch, num_students=S)` builds S students of one CIFAR architecture (`models/cifar.py`). Student j has
-`int(C * (S - j) / S)` channels in every stage of width C and the full depth. All students share the stem (conv + BN),
-kept at full width; the option-B projection shortcut of each narrower student's first block takes the stem's channels
-to the student's width. Student 0 is the full model, the "pseudo teacher". One training run with
+`int(C * (S - j) / S)` channels in every stage of width C and the full depth. All students share the stem (conv + BN;
+a conv for WRNs), kept at full width; the option-B projection shortcut of each narrower student's first block takes
+the stem's channels to the student's width. Student 0 is the full model, the "pseudo teacher". One training run with
 `OnlineEnsembleTrainer` yields all S students, and `export_student(j)` turns each into a standalone timm model.
 
 The shared stem lives in student 0, and students 1..S-1 have their copy removed. Student j's parameter names are
@@ -30,6 +30,7 @@ from torch import nn
 from transformers import EvalPrediction, Trainer
 
 from .config import DistillationArguments
+from .hub import save_student
 from .losses import feature_mse, kd_loss, mixed_cross_entropy
 from .models.cifar import ARCHITECTURES, CifarResNet, CifarWideResNet
 from .trainer import LossMetricsMixin
@@ -59,7 +60,8 @@ def student_widths(stage_widths: Sequence[int], num_students: int) -> list[list[
     """
     if not isinstance(num_students, int) or num_students < 2:
         raise ValueError(f"an ensemble needs num_students >= 2 students, got num_students={num_students!r}")
-    widths = [[int(c * (num_students - j) / num_students) for c in stage_widths] for j in range(num_students)]
+    # Integer floor division: int(C * (S - j) / S) without a float round trip.
+    widths = [[int(c) * (num_students - j) // num_students for c in stage_widths] for j in range(num_students)]
     if min(widths[-1]) < 1:
         raise ValueError(
             f"stage widths {list(stage_widths)} are too narrow for {num_students} students: the smallest would get "
@@ -201,27 +203,37 @@ class OnlineEnsemble(nn.Module):
         card: Mapping[str, Any] | None = None,
         accuracies: Sequence[float] | None = None,
     ) -> list[Path]:
-        """Export every student and save each with `hub.save_student` to `save_directory/student{j}`.
+        """Export every student and save each with `save_student` to `save_directory/student{j}`.
 
-        Each folder loads on its own with `timm.create_model("local-dir:<folder>", pretrained=True)`. The model card
-        of student j gets `card`'s entries plus its widths, its parameter count relative to student 0 and, if
-        given, `accuracies[j]`.
+        Each folder loads on its own with `timm.create_model("local-dir:<folder>", pretrained=True)` or
+        `AutoModelForImageClassification`. Student j's model card gets `card`'s entries, `method="ensemble"`, its
+        stage widths, its size relative to student 0 and, if given, `accuracies[j]`. To publish one student, use
+        `push_student(ens.export_student(j), repo_id, card=...)`.
         """
-        from .hub import save_student
-
         if accuracies is not None and len(accuracies) != self.num_students:
             raise ValueError(f"accuracies has {len(accuracies)} entries for {self.num_students} students")
         students = [self.export_student(j) for j in range(self.num_students)]
+        input_size = tuple(students[0].pretrained_cfg.get("input_size", ()))
+        if input_size[:1] != (self.in_chans,):
+            # The saved config tells loaders (and the FLOPs count) what input to feed; a CIFAR default of 3 channels
+            # on a 1-channel model would make every consumer fail later, far from the cause.
+            raise ValueError(
+                f"the students take {self.in_chans} input channels but their pretrained_cfg says input_size="
+                f"{input_size}; build the ensemble with pretrained_cfg_overlay=dict(input_size=({self.in_chans}, H, "
+                "W), mean=..., std=...) describing your data"
+            )
         counts = [sum(p.numel() for p in s.parameters()) for s in students]
         paths = []
         for j, student in enumerate(students):
             entry = {
-                **dict(card or {}),
-                "method": "online ensemble compression (Walawalkar et al. 2020, arXiv 2011.07449)",
-                "ensemble": f"student {j} of {self.num_students} ({self.arch})",
-                "stage_widths": self.widths[j],
+                "method": "ensemble",
+                "widths": {"stage_widths": self.widths[j], "student0_stage_widths": self.widths[0]},
                 "params": counts[j],
-                "params_relative_to_student0": round(counts[j] / counts[0], 4),
+                "notes": (
+                    f"Student {j} of {self.num_students} trained together in an online ensemble of {self.arch} "
+                    f"with a shared stem; {100 * counts[j] / counts[0]:.2f}% of student 0's parameters."
+                ),
+                **dict(card or {}),
             }
             if accuracies is not None:
                 entry["accuracy"] = float(accuracies[j])

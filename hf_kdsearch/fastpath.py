@@ -59,7 +59,7 @@ def random_crop_flip(
     rows = torch.arange(h, device=device).expand(n, h)
     cols = torch.arange(w, device=device).expand(n, w)
     if flip:
-        mirror = torch.randint(0, 2, (n, 1), device=device, generator=generator, dtype=torch.bool)
+        mirror = torch.rand((n, 1), device=device, generator=generator) < 0.5
         cols = torch.where(mirror, (w - 1) - cols, cols)
     if padding > 0:
         images = nn.functional.pad(images, (padding, padding, padding, padding))

@@ -227,7 +227,10 @@ def _export_config(model: nn.Module, label_names: Sequence[str] | None) -> dict:
     if isinstance(own_args, dict):
         # Our models record exactly the arguments that rebuild them; timm's factory record may be stale after
         # extraction or export, and it is a subset.
-        config["model_args"] = json.loads(json.dumps(own_args))
+        try:
+            config["model_args"] = json.loads(json.dumps(own_args))
+        except TypeError as err:
+            raise ValueError(f"model.model_args must be JSON-serialisable, got {own_args!r}: {err}") from err
     # transformers passes num_classes=num_labels itself and would get it twice; the root `num_classes` carries it.
     config.get("model_args", {}).pop("num_classes", None)
     if not config.get("model_args"):
@@ -239,11 +242,15 @@ def _rebuild_and_compare(config: dict, state: Mapping[str, torch.Tensor]) -> nn.
     import timm
 
     kwargs = {"num_classes": config["num_classes"], **config.get("model_args", {})}
+    call = f"timm.create_model({config['architecture']!r}, **{kwargs})"
     try:
-        with torch.device("meta"):
+        try:
+            with torch.device("meta"):
+                rebuilt = timm.create_model(config["architecture"], **kwargs)
+        except (RuntimeError, NotImplementedError):  # an architecture whose __init__ computes on tensor values
             rebuilt = timm.create_model(config["architecture"], **kwargs)
-    except (RuntimeError, NotImplementedError):  # an architecture whose __init__ computes on tensors
-        rebuilt = timm.create_model(config["architecture"], **kwargs)
+    except Exception as err:  # whatever the constructor raises, the export could not be loaded
+        raise ValueError(f"the exported config would not rebuild this model: {call} fails: {err}") from err
     expected = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
     actual = {k: tuple(v.shape) for k, v in state.items()}
     if expected != actual:
@@ -251,8 +258,8 @@ def _rebuild_and_compare(config: dict, state: Mapping[str, torch.Tensor]) -> nn.
         unexpected = sorted(set(actual) - set(expected))[:5]
         shapes = [f"{k}: saved {actual[k]}, rebuilt {v}" for k, v in expected.items() if actual.get(k, v) != v][:5]
         raise ValueError(
-            f"the exported config would not rebuild this model: timm.create_model({config['architecture']!r}, "
-            f"**{kwargs}) differs from its state dict (missing {missing}, unexpected {unexpected}, shapes {shapes}). "
+            f"the exported config would not rebuild this model: {call} differs from its state dict "
+            f"(missing {missing}, unexpected {unexpected}, shapes {shapes}). "
             f"A gated search model must go through extract_student first; a model changed after construction must "
             f"update `model.model_args`."
         )
@@ -316,13 +323,14 @@ def _card_text(config: dict, card: dict, extra: list[str], *, repo_id: str | Non
     if method is not None and str(method).lower() in _METHODS:
         tags.append(f"kd-{str(method).lower()}")
     tags += [t for t in card.get("tags", []) if t not in tags]
+    is_hub_dataset = isinstance(dataset, str) and all(c.isalnum() or c in "-_./" for c in dataset)
     eval_results = None
     if metrics:
         eval_results = [
             EvalResult(
                 task_type="image-classification",
                 task_name="Image Classification",
-                dataset_type=str(dataset or "custom"),
+                dataset_type=dataset if is_hub_dataset else "custom",
                 dataset_name=str(dataset or "custom"),
                 metric_type="accuracy" if k.lower() in _TOP1_NAMES else k,
                 metric_name=k,
@@ -330,7 +338,6 @@ def _card_text(config: dict, card: dict, extra: list[str], *, repo_id: str | Non
             )
             for k, v in metrics.items()
         ]
-    is_hub_dataset = isinstance(dataset, str) and all(c.isalnum() or c in "-_./" for c in dataset)
     data = ModelCardData(
         library_name="timm",
         license=license_,

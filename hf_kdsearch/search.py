@@ -30,6 +30,7 @@ from .gates import (
     DEPTH,
     GatePlan,
     build_student,
+    check_budget,
     flops_weighted_l1,
     gate_parameters,
     gate_plan,
@@ -169,6 +170,7 @@ class GateSearchCallback(DistillationCallback, ExportableState):
         plan = gate_plan(model)
         self.input_size = self.input_size or _default_input_size(model)
         plan.measure(model, self.input_size)
+        check_budget(plan, self.target_flops_ratio)  # fail now, not after the search
         gates = gate_parameters(model)
         device = next(iter(gates.values())).device
         self._gates = list(gates.values())
@@ -200,6 +202,11 @@ class GateSearchCallback(DistillationCallback, ExportableState):
         return {"gate_l1": lam * flops_weighted_l1(self._gates, self._costs)}
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if not kwargs["model"].training:
+            raise RuntimeError(
+                "the gated model was in eval mode during a training step, so the gate penalty was never applied; "
+                "is its train() overridden (e.g. a copy of a teacher frozen by hf_kdsearch.teacher.freeze_teacher)?"
+            )
         if self._ready and state.global_step >= self.warmup_steps and self.l1_growth > 1:
             over = self.expected_flops_ratio() > self.target_flops_ratio
             factor = torch.where(over, self.l1_growth, 1.0 / self.l1_growth)

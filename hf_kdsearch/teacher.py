@@ -82,7 +82,8 @@ def load_teacher(name_or_path: str, **kwargs: Any) -> nn.Module:
         return AutoModelForImageClassification.from_pretrained(name_or_path, **kwargs)
     # transformers reports a missing or unreachable repo as OSError; the Hub clients use their own types.
     except (*_network_errors(), RepositoryNotFoundError, RevisionNotFoundError, HFValidationError, OSError) as err:
-        if constants.is_offline_mode():
+        offline_env = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+        if constants.is_offline_mode() or offline_env:
             reason = "HF_HUB_OFFLINE is set and it is not in the local cache"
         elif isinstance(err, (RepositoryNotFoundError, HFValidationError)):
             reason = f"the Hub at HF_ENDPOINT={constants.ENDPOINT} has no such repo (or it is private or gated)"

@@ -52,12 +52,18 @@ import torch
 from transformers import HfArgumentParser
 from transformers.trainer_utils import get_last_checkpoint
 
-import hf_kdsearch
 from hf_kdsearch import (
     ClassificationTrainer,
     DistillationArguments,
     DistillationTrainer,
+    GateSearchCallback,
+    OnlineEnsembleTrainer,
     TeacherLoadError,
+    UncertaintyMixupCallback,
+    add_gates,
+    build_ensemble,
+    count_flops,
+    extract_student,
     load_student,
     load_teacher,
     push_student,
@@ -160,6 +166,8 @@ COMMON_DEFAULTS = dict(
     # Both read a loss value on the host every step; the teacher is our own trained model.
     logging_nan_inf_filter=False,
     check_teacher_finite=False,
+    # Every parameter takes part in every forward; searching for unused ones costs a graph traversal per step.
+    ddp_find_unused_parameters=False,
 )
 METHOD_DEFAULTS = {
     "kd": dict(alpha=0.9, temperature=4.0),
@@ -181,21 +189,37 @@ def parse_args(argv: list[str] | None) -> tuple[RecipeArguments, DistillationArg
     parser = HfArgumentParser((RecipeArguments, DistillationArguments))
     cuda = torch.cuda.is_available()
     parser.set_defaults(
-        **COMMON_DEFAULTS,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
-        lr_scheduler_type="constant",  # the step decay below replaces it unless --lr_scheduler_type is given
-        **METHOD_DEFAULTS[method],
+        **{
+            **COMMON_DEFAULTS,
+            "bf16": cuda and torch.cuda.is_bf16_supported(),
+            "lr_scheduler_type": "constant",  # the step decay replaces it unless --lr_scheduler_type is given
+            **METHOD_DEFAULTS[method],
+        }
     )
-    if "--output_dir" not in argv:
+
+    def given(flag: str) -> bool:
+        return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+    if not given("--output_dir"):
         argv += ["--output_dir", f"runs/cifar100_{method}"]
     recipe, args = parser.parse_args_into_dataclasses(argv)
-    recipe.step_decay = "--lr_scheduler_type" not in argv
+    recipe.step_decay = not given("--lr_scheduler_type")  # an explicit Trainer schedule replaces the step decay
     if recipe.student is None:
         recipe.student = "cifar_resnet110" if method == "ensemble" else "cifar_resnet20"
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id user/name")
-    hub = {"push": args.push_to_hub, "repo_id": args.hub_model_id, "token": args.hub_token}
-    hub["private"] = args.hub_private_repo
+    fsdp = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    if fsdp and method in ("search", "ensemble"):
+        parser.error(
+            f"--method {method} needs the whole model on every rank (gate extraction, student export); "
+            "launch it with DDP (recipes/accelerate_configs/multi_gpu.yaml) instead of FSDP"
+        )
+    hub = {
+        "push": args.push_to_hub,
+        "repo_id": args.hub_model_id,
+        "token": args.hub_token,
+        "private": args.hub_private_repo,
+    }
     # The Trainer would push checkpoints in its own format; the recipe pushes the final student itself.
     args = dataclasses.replace(args, push_to_hub=False)
     if cuda and recipe.data_on_device:
@@ -261,7 +285,26 @@ def run_stage(trainer_cls, recipe, args, data, *, step_decay: bool = True, **kwa
     )
     checkpoint = get_last_checkpoint(args.output_dir) if recipe.resume and os.path.isdir(args.output_dir) else None
     trainer.train(resume_from_checkpoint=checkpoint)
-    return trainer, trainer.evaluate()
+    # The per-epoch evaluation usually ran at the last step already; evaluate again only if it did not.
+    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+    if last is None or last.get("step") != trainer.state.global_step:
+        last = trainer.evaluate()
+    return trainer, last
+
+
+def full_model(trainer) -> torch.nn.Module | None:
+    """The trained model, whole. Under FSDP its shards are gathered (a collective: every rank must call this) and
+    only the main process gets a model back, rebuilt from the architecture's arguments; otherwise `trainer.model`."""
+    if not trainer.is_fsdp_enabled:
+        return trainer.model
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if not trainer.is_world_process_zero():
+        return None
+    sharded = trainer.model
+    arch = sharded.pretrained_cfg["architecture"]
+    model = timm.create_model(arch, num_classes=sharded.num_classes, **getattr(sharded, "model_args", {}))
+    model.load_state_dict(state)
+    return model
 
 
 def percent(metrics: dict, prefix: str = "eval_") -> dict:
@@ -301,7 +344,7 @@ def get_teacher(recipe, args, data) -> tuple[torch.nn.Module, dict]:
             f"the teacher {recipe.teacher!r} predicts {teacher_classes} classes but the data has {num_classes}"
         )
     evaluator = ClassificationTrainer(
-        model=teacher,
+        model=copy.deepcopy(teacher),  # FSDP would shard the model it evaluates; the teacher stays whole
         args=stage_args(args, "teacher_eval"),
         eval_dataset=data[1],
         data_collator=DeviceImageDataset.collate,
@@ -326,6 +369,7 @@ def train_teacher(recipe, args, data, cache: Path) -> torch.nn.Module:
     trainer, metrics = run_stage(
         ClassificationTrainer, recipe, stage_args(args, "stage1_teacher", **changes), data, model=teacher
     )
+    teacher = full_model(trainer)
     if trainer.is_world_process_zero():
         # Written beside the cache and renamed, so an interrupted run never leaves a half-written teacher to reuse.
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
@@ -334,7 +378,8 @@ def train_teacher(recipe, args, data, cache: Path) -> torch.nn.Module:
         save_student(teacher, tmp, card=card)
         os.replace(tmp, cache)
     trainer.accelerator.wait_for_everyone()
-    return trainer.model
+    # Every rank continues from the cached copy: the same weights everywhere, whole even after FSDP training.
+    return load_student(cache)
 
 
 def run_kd(recipe, args, data, teacher, callbacks=(), student=None) -> list:
@@ -349,26 +394,22 @@ def run_kd(recipe, args, data, teacher, callbacks=(), student=None) -> list:
         teacher_model=teacher,
         callbacks=list(callbacks),
     )
-    return [("student", trainer.model, {"metrics": percent(metrics)}, [])]
+    return [("student", full_model(trainer), {"metrics": percent(metrics)}, [])]
 
 
 def run_unix(recipe, args, data, teacher) -> list:
-    from hf_kdsearch import UncertaintyMixupCallback
-
     unix = UncertaintyMixupCallback(
         select_ratio=recipe.select_ratio, uncertainty=recipe.uncertainty, mixup=recipe.mixup
     )
     [(name, student, card, files)] = run_kd(recipe, args, data, teacher, callbacks=[unix])
     card["notes"] = (
         f"UNIX select_ratio={recipe.select_ratio}, uncertainty={recipe.uncertainty}, mixup={recipe.mixup}; "
-        + (f"measured over training: {json.dumps(unix.totals)}" if getattr(unix, "totals", None) else "")
+        + f"measured over training: {json.dumps(unix.totals)}"
     )
     return [(name, student, card, files)]
 
 
 def run_search(recipe, args, data, teacher) -> list:
-    from hf_kdsearch import GateSearchCallback, add_gates, extract_student
-
     input_size = tuple(data[0].images.shape[1:])
     gated = add_gates(copy.deepcopy(teacher))
     changes = {"num_train_epochs": recipe.search_epochs, "alpha": 1.0}  # the paper's objective: KL only
@@ -394,7 +435,7 @@ def run_search(recipe, args, data, teacher) -> list:
         callbacks=[search],
     )
     student = extract_student(gated, target_flops_ratio=recipe.target_flops_ratio, input_size=input_size)
-    log(args, f"search phase done: found student with {hf_kdsearch.count_flops(student, input_size):,} FLOPs")
+    log(args, f"search phase done: found student with {count_flops(student, input_size):,} FLOPs")
     [(name, student, card, _)] = run_kd(recipe, args, data, teacher, student=student)
     widths = (search.report or {}).get("widths")
     card.update(target_flops_ratio=recipe.target_flops_ratio, **({"widths": widths} if widths is not None else {}))
@@ -402,10 +443,12 @@ def run_search(recipe, args, data, teacher) -> list:
 
 
 def run_ensemble(recipe, args, data) -> list:
-    from hf_kdsearch import OnlineEnsembleTrainer, build_ensemble
-
     ens = build_ensemble(recipe.student, num_students=recipe.num_students, num_classes=data[3])
     heads = [f"student{j}" for j in range(recipe.num_students)] + ["ensemble"]
+    if args.image_mean is None:
+        # The ensemble module has no pretrained_cfg of its own; its students share the architecture's statistics.
+        cfg = ens.students[0].pretrained_cfg
+        args = dataclasses.replace(args, image_mean=list(cfg["mean"]), image_std=list(cfg["std"]))
     trainer, metrics = run_stage(
         OnlineEnsembleTrainer,
         recipe,
@@ -469,7 +512,8 @@ def log(args, message: str) -> None:
 def main(argv: list[str] | None = None) -> list[str]:
     recipe, args, hub = parse_args(argv)
     data = load_data(recipe, args)
-    log(args, f"{len(data[0])} training and {len(data[1])} evaluation images, {data[3]} classes")
+    launch = f"{args.world_size} process(es), {args.distributed_state.distributed_type.name}, {args.device}"
+    log(args, f"{len(data[0])} training and {len(data[1])} evaluation images, {data[3]} classes; {launch}")
     if recipe.method == "ensemble":
         teacher_info = {}
         results = run_ensemble(recipe, args, data)

@@ -10,7 +10,7 @@ from conftest import random_images
 from safetensors.torch import load_file
 from transformers import EvalPrediction, TrainingArguments
 
-from hf_kdsearch import DistillationArguments, OnlineEnsemble, OnlineEnsembleTrainer, build_ensemble
+from hf_kdsearch import DistillationArguments, OnlineEnsemble, OnlineEnsembleTrainer, build_ensemble, save_student
 from hf_kdsearch.data import collate_tensor_batch
 from hf_kdsearch.ensemble import ensemble_accuracy, ensemble_loss_terms, student_widths
 from hf_kdsearch.losses import kd_loss
@@ -290,3 +290,35 @@ def test_trainer_rejects_bad_settings(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="hf_kdsearch.ensemble"):
         OnlineEnsembleTrainer(model=tiny_ensemble(), args=args(tmp_path, temperature=3.0))
     assert "ignores args.temperature" in caplog.text
+
+
+# ---- saving ----------------------------------------------------------------------------------------------------------
+
+MNIST_LIKE = {"input_size": (1, 12, 12), "mean": (0.1307,), "std": (0.3081,), "num_classes": 10}
+
+
+def test_exported_students_save_and_reload_with_equal_logits(tmp_path):
+    ens = tiny_ensemble(pretrained_cfg_overlay=MNIST_LIKE)
+    with torch.no_grad():
+        ens(pixel_values=torch.randn(8, 1, 12, 12) + 1)  # non-trivial BN statistics must travel too
+    ens.eval()
+    x = torch.randn(3, 1, 12, 12)
+    out = ens(pixel_values=x)
+    # One student on its own, with save_student ...
+    folder = save_student(ens.export_student(1), tmp_path / "one")
+    reloaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    torch.testing.assert_close(reloaded(x), out["student_logits"][1], rtol=0, atol=0)
+    # ... and all of them, each in its own folder with a card naming the method.
+    paths = ens.save_students(tmp_path / "all", accuracies=[0.9, 0.8, 0.7])
+    assert [p.name for p in paths] == ["student0", "student1", "student2"]
+    for j, path in enumerate(paths):
+        model = timm.create_model(f"local-dir:{path}", pretrained=True).eval()
+        assert model.model_args["stage_widths"] == ens.widths[j]
+        torch.testing.assert_close(model(x), out["student_logits"][j], rtol=0, atol=0)
+    card = (paths[2] / "README.md").read_text()
+    assert "2011.07449" in card and "Student 2 of 3" in card and "value: 0.7" in card
+
+
+def test_save_students_needs_a_config_that_matches_the_input_channels(tmp_path):
+    with pytest.raises(ValueError, match=r"1 input channels but their pretrained_cfg says input_size=\(3, 32, 32\)"):
+        tiny_ensemble().save_students(tmp_path)

@@ -87,3 +87,13 @@ def test_bad_widths_are_refused_with_the_values():
         timm.create_model("cifar_resnet8", block_widths=[[0], [32], [64]])
     with pytest.raises(ValueError, match="hidden_dims"):
         timm.create_model("mnist_mlp", hidden_dims=[])
+
+
+def test_other_channel_counts_get_a_matching_pretrained_cfg():
+    from hf_kdsearch import count_flops
+
+    model = timm.create_model("cifar_resnet8", in_chans=1, num_classes=10)
+    assert model.pretrained_cfg["input_size"] == (1, 32, 32) and len(model.pretrained_cfg["mean"]) == 1
+    assert count_flops(model, model.pretrained_cfg["input_size"]) > 0
+    mnist = timm.create_model("cifar_resnet8", in_chans=1, pretrained_cfg_overlay={"mean": (0.1307,), "std": (0.3081,)})
+    assert mnist.pretrained_cfg["mean"] == (0.1307,) and mnist.pretrained_cfg["input_size"] == (1, 32, 32)

@@ -292,6 +292,13 @@ default_cfgs = generate_default_cfgs({f"{name}.untrained": _cfg() for name in AR
 def _create(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     cls, layers, stem, widths = ARCHITECTURES[name]
     model_args = {"layers": layers, "stem_width": stem, "stage_widths": widths, **kwargs}
+    in_chans = kwargs.get("in_chans", 3)
+    if in_chans != 3:
+        # The CIFAR statistics have 3 channels; another channel count gets their mean in every channel and an input
+        # size that count_flops and exports can trust. pretrained_cfg_overlay=dict(mean=..., std=...) overrides them.
+        mean, std = sum(CIFAR100_MEAN) / 3, sum(CIFAR100_STD) / 3
+        defaults = {"input_size": (in_chans, 32, 32), "mean": (mean,) * in_chans, "std": (std,) * in_chans}
+        model_args["pretrained_cfg_overlay"] = {**defaults, **(kwargs.get("pretrained_cfg_overlay") or {})}
     return build_model_with_cfg(cls, name, pretrained, **model_args)
 
 

@@ -1,0 +1,430 @@
+"""Training throughput of knowledge distillation, images/s: the library's Trainer path against hand-written loops.
+
+    python benchmarks/throughput.py                      # ResNet-56 -> ResNet-20, bf16, batches 64 and 512 (GPU)
+    python benchmarks/throughput.py --compile            # adds torch.compile rows for (a) and (b)
+    python benchmarks/throughput.py --smoke              # toy sizes, runs anywhere in seconds (CI)
+
+One run prints one table, a row per path and a column per batch size:
+
+- (a) a hand-written PyTorch KD loop: data on the device, the same GPU augmentation (`random_crop_flip`, normalise),
+  channels_last, bf16 autocast, SGD; eager, and with the whole step (augment, teacher, student, loss, backward,
+  optimizer) captured in one CUDA graph (`torch.cuda.CUDAGraph`, CUDA only);
+- (b) `DistillationTrainer` on the fast path: `DeviceImageDataset` on the device, `device_augment`, `channels_last`,
+  bf16, no per-step host sync (`logging_nan_inf_filter=False`, `check_teacher_finite=False`);
+- (c) the student trained alone by the hand loop (eager, and CUDA graph);
+- (d) a naive `Trainer` subclass with a KD loss, fed by PIL images through torchvision transforms in a `DataLoader`,
+  with the Trainer's defaults otherwise (`--naive_workers` loader workers, 0 by default).
+
+and then (b)/(a) for both variants of (a), and (b)/(c). Data are random CIFAR-shaped uint8 images with 100 classes,
+so only speed is measured. Timing: after `--warmup` steps, the device is synchronised, `--steps` steps run, and it is
+synchronised again. On a CPU the ratios are informational only: the issue's targets are for one GPU.
+
+Results and the hardware they were measured on are in docs/recipe.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import timm
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+import hf_kdsearch
+from hf_kdsearch import DistillationArguments, DistillationTrainer, kd_loss
+from hf_kdsearch.fastpath import DeviceImageDataset, random_crop_flip
+
+NUM_CLASSES = 100
+ALPHA, TEMPERATURE, LR = 0.9, 4.0, 0.05
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", default="cifar_resnet56")
+    p.add_argument("--student", default="cifar_resnet20")
+    p.add_argument("--batch_sizes", type=int, nargs="+", default=[64, 512])
+    p.add_argument("--steps", type=int, default=200, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=30, help="untimed steps first (cuDNN autotuning, compilation)")
+    p.add_argument("--num_images", type=int, default=50_000, help="size of the synthetic training set")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="also measure (a) and (b) with torch.compile")
+    p.add_argument("--naive_workers", type=int, default=0, help="DataLoader workers of (d); the Trainer's default 0")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--smoke", action="store_true", help="toy sizes: cifar_resnet8 models, batch 8, 3 steps")
+    args = p.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1:
+        p.error(f"--warmup and --steps must be >= 1, got {args.warmup} and {args.steps}")
+    if args.smoke:
+        args.teacher = args.student = "cifar_resnet8"
+        args.batch_sizes, args.steps, args.warmup, args.num_images = [8], 3, 1, 64
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.precision = args.precision or ("bf16" if args.device.type == "cuda" else "fp32")
+    return args
+
+
+# ---- shared pieces ---------------------------------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def models(args, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(seed)
+    teacher = timm.create_model(args.teacher, num_classes=NUM_CLASSES).to(args.device).eval()
+    student = timm.create_model(args.student, num_classes=NUM_CLASSES).to(args.device)
+    teacher.requires_grad_(False)
+    return teacher, student
+
+
+def synthetic_data(args) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (args.num_images, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, NUM_CLASSES, (args.num_images,), generator=g)
+    return images, labels
+
+
+def sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4, foreach=True)
+
+
+def timed(step: Callable[[int], None], args, batch: int) -> float:
+    """Images/s of `step(i)` over `args.steps` steps after `args.warmup`."""
+    for i in range(args.warmup):
+        step(i)
+    synchronize(args.device)
+    start = time.perf_counter()
+    for i in range(args.warmup, args.warmup + args.steps):
+        step(i)
+    synchronize(args.device)
+    return args.steps * batch / (time.perf_counter() - start)
+
+
+# ---- (a), (c): hand-written loops ------------------------------------------------------------------------------------
+class HandLoop:
+    """The step a researcher would write by hand, with the data, augmentation and precision of the fast path."""
+
+    def __init__(self, args, batch: int, *, distill: bool, compile: bool = False):
+        self.args, self.batch, self.distill = args, batch, distill
+        teacher, student = models(args)
+        teacher.to(memory_format=torch.channels_last)
+        student.to(memory_format=torch.channels_last)
+        self.teacher = torch.compile(teacher) if compile else teacher
+        self.student = torch.compile(student) if compile else student
+        self.optimizer = sgd(student)
+        images, labels = synthetic_data(args)
+        self.images, self.labels = images.to(args.device), labels.to(args.device)
+        steps = args.warmup + args.steps
+        epochs = -(-steps * batch // len(labels))
+        # Sample order drawn on the device up front: slicing it per step costs no host sync.
+        self.order = torch.cat([torch.randperm(len(labels), device=args.device) for _ in range(epochs)])
+        cfg = student.pretrained_cfg
+        mean = torch.tensor(cfg["mean"], device=args.device).view(1, -1, 1, 1)
+        std = torch.tensor(cfg["std"], device=args.device).view(1, -1, 1, 1)
+        self.scale, self.shift = 1 / (255 * std), -mean / std
+        self.bf16 = args.precision == "bf16"
+
+    def indices(self, i: int) -> torch.Tensor:
+        return self.order[i * self.batch : (i + 1) * self.batch]
+
+    def forward_backward(self, idx: torch.Tensor, cache_enabled: bool = True) -> torch.Tensor:
+        x = random_crop_flip(self.images[idx], padding=4)
+        x = torch.addcmul(self.shift, x.to(torch.float32, memory_format=torch.channels_last), self.scale)
+        y = self.labels[idx]
+        with torch.autocast(self.args.device.type, torch.bfloat16, enabled=self.bf16, cache_enabled=cache_enabled):
+            if self.distill:
+                with torch.no_grad():
+                    t = self.teacher(x)
+            s = self.student(x)
+        ce = F.cross_entropy(s.float(), y)
+        loss = ALPHA * kd_loss(s, t, TEMPERATURE) + (1 - ALPHA) * ce if self.distill else ce
+        loss.backward()
+        return loss
+
+    def eager_step(self, i: int) -> None:
+        self.forward_backward(self.indices(i))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def graph_step_fn(self) -> Callable[[int], None]:
+        """The whole step captured once in a CUDA graph (PyTorch's "whole network capture" recipe) and replayed.
+
+        Static index buffer in, everything else inside: gather, augmentation (graph-safe RNG), teacher, student,
+        loss, backward and the SGD step. Gradients are set to None before capture, so each replay writes them anew.
+        """
+        static_idx = self.indices(0).clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream: cuDNN choices, momentum buffers, lazy init
+            for _ in range(3):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.forward_backward(static_idx, cache_enabled=False)
+                self.optimizer.step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            self.forward_backward(static_idx, cache_enabled=False)
+            self.optimizer.step()
+
+        def step(i: int) -> None:
+            static_idx.copy_(self.indices(i))
+            graph.replay()
+
+        return step
+
+
+# ---- (b): DistillationTrainer on the fast path -----------------------------------------------------------------------
+class StepTimer(TrainerCallback):
+    """Synchronises and reads the clock after the warm-up step and after the last step."""
+
+    def __init__(self, device: torch.device, warmup: int, last: int):
+        self.device, self.warmup, self.last = device, warmup, last
+        self.start = self.end = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in (self.warmup, self.last):
+            synchronize(self.device)
+            if state.global_step == self.warmup:
+                self.start = time.perf_counter()
+            else:
+                self.end = time.perf_counter()
+
+
+def common_trainer_args(args, batch: int) -> dict:
+    cuda = args.device.type == "cuda"
+    return dict(
+        output_dir=os.path.join(tempfile.gettempdir(), "hf_kdsearch_bench"),  # save_strategy="no": nothing written
+        per_device_train_batch_size=batch,
+        max_steps=args.warmup + args.steps,
+        learning_rate=LR,
+        weight_decay=5e-4,
+        optim="sgd",
+        optim_args="momentum=0.9",
+        lr_scheduler_type="constant",
+        bf16=args.precision == "bf16",
+        use_cpu=not cuda,
+        logging_steps=10**9,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_drop_last=True,
+        seed=0,
+    )
+
+
+def trainer_throughput(trainer: Trainer, args, batch: int) -> float:
+    timer = StepTimer(args.device, args.warmup, args.warmup + args.steps)
+    trainer.add_callback(timer)
+    trainer.remove_callback(PrinterCallback)  # keep stdout for the table
+    trainer.train()
+    return args.steps * batch / (timer.end - timer.start)
+
+
+def fast_trainer(args, batch: int, compile: bool = False) -> float:
+    teacher, student = models(args)
+    images, labels = synthetic_data(args)
+    cuda = args.device.type == "cuda"
+    dataset = DeviceImageDataset(images, labels, device=args.device if cuda else None)
+    training_args = DistillationArguments(
+        **common_trainer_args(args, batch),
+        temperature=TEMPERATURE,
+        alpha=ALPHA,
+        device_augment=True,
+        channels_last=True,
+        remove_unused_columns=False,
+        dataloader_pin_memory=False,
+        logging_nan_inf_filter=False,
+        check_teacher_finite=False,
+        torch_compile=compile,
+        teacher_compile=compile,
+    )
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=DeviceImageDataset.collate,
+    )
+    return trainer_throughput(trainer, args, batch)
+
+
+# ---- (d): the naive Trainer --------------------------------------------------------------------------------------
+class PILImageDataset(torch.utils.data.Dataset):
+    """What a tutorial does: PIL images and torchvision transforms, one sample at a time, on the CPU."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std):
+        from PIL import Image
+        from torchvision import transforms
+
+        arrays = images.permute(0, 2, 3, 1).numpy()
+        self.images = [Image.fromarray(a) for a in arrays]
+        self.labels = labels.tolist()
+        self.transform = transforms.Compose(
+            [
+                transforms.RandomCrop(32, padding=4),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(mean, std),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.transform(self.images[i]), "labels": self.labels[i]}
+
+
+class NaiveKDTrainer(Trainer):
+    """A `Trainer` subclass with a KD loss, as written without the library."""
+
+    def __init__(self, *args, teacher: torch.nn.Module, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.to(self.args.device).eval()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        x, y = inputs["pixel_values"], inputs["labels"]
+        with torch.no_grad():
+            t = self.teacher(x)
+        s = model(x)
+        s32, t32 = s.float() / TEMPERATURE, t.float() / TEMPERATURE
+        kd = F.kl_div(F.log_softmax(s32, -1), F.log_softmax(t32, -1), reduction="batchmean", log_target=True)
+        loss = ALPHA * TEMPERATURE**2 * kd + (1 - ALPHA) * F.cross_entropy(s.float(), y)
+        return (loss, s) if return_outputs else loss
+
+
+def naive_trainer(args, batch: int) -> float:
+    teacher, student = models(args)
+    images, labels = synthetic_data(args)
+    cfg = student.pretrained_cfg
+    dataset = PILImageDataset(images, labels, cfg["mean"], cfg["std"])
+    training_args = TrainingArguments(
+        **common_trainer_args(args, batch),
+        remove_unused_columns=False,
+        dataloader_num_workers=args.naive_workers,
+    )
+    trainer = NaiveKDTrainer(model=student, teacher=teacher, args=training_args, train_dataset=dataset)
+    return trainer_throughput(trainer, args, batch)
+
+
+# ---- the run -------------------------------------------------------------------------------------------------------
+def paths(args) -> dict[str, Callable[[int], float] | None]:
+    """Row label -> measurement for one batch size (None: not measurable on this device)."""
+    cuda = args.device.type == "cuda"
+    rows = {
+        "(a) hand loop KD, eager": lambda b: timed(HandLoop(args, b, distill=True).eager_step, args, b),
+        "(a) hand loop KD, CUDA graph": (
+            (lambda b: timed(HandLoop(args, b, distill=True).graph_step_fn(), args, b)) if cuda else None
+        ),
+        "(b) DistillationTrainer, fast path": lambda b: fast_trainer(args, b),
+        "(c) hand loop student alone, eager": lambda b: timed(HandLoop(args, b, distill=False).eager_step, args, b),
+        "(c) hand loop student alone, CUDA graph": (
+            (lambda b: timed(HandLoop(args, b, distill=False).graph_step_fn(), args, b)) if cuda else None
+        ),
+        f"(d) naive Trainer KD, PIL/torchvision, {args.naive_workers} workers": lambda b: naive_trainer(args, b),
+    }
+    if args.compile:
+        rows["(a) hand loop KD, torch.compile"] = lambda b: timed(
+            HandLoop(args, b, distill=True, compile=True).eager_step, args, b
+        )
+        rows["(b) DistillationTrainer, fast path, torch.compile"] = lambda b: fast_trainer(args, b, compile=True)
+    return rows
+
+
+def run(args) -> dict:
+    results: dict[str, dict[int, float | str]] = {}
+    for label, measure in paths(args).items():
+        results[label] = {}
+        for batch in args.batch_sizes:
+            if measure is None:
+                results[label][batch] = "n/a (needs CUDA)"
+                continue
+            print(f"measuring {label}, batch {batch} ...", file=sys.stderr, flush=True)
+            try:
+                results[label][batch] = measure(batch)
+            except Exception as err:  # one failing path must not hide the others' numbers
+                results[label][batch] = f"failed: {type(err).__name__}: {err}"
+            if args.device.type == "cuda":
+                torch.cuda.empty_cache()  # between measurements only, never inside a timed loop
+    return results
+
+
+def ratios(results: dict, batch: int) -> list[tuple[str, float | None]]:
+    def get(prefix: str) -> float | None:
+        value = next((v[batch] for k, v in results.items() if k.startswith(prefix)), None)
+        return value if isinstance(value, float) else None
+
+    fast = get("(b) DistillationTrainer, fast path")
+    out = []
+    for name, prefix in (
+        ("(b) / (a) eager", "(a) hand loop KD, eager"),
+        ("(b) / (a) CUDA graph", "(a) hand loop KD, CUDA graph"),
+        ("(b) / (c) eager", "(c) hand loop student alone, eager"),
+        ("(b) / (c) CUDA graph", "(c) hand loop student alone, CUDA graph"),
+    ):
+        ref = get(prefix)
+        out.append((name, fast / ref if fast is not None and ref is not None else None))
+    return out
+
+
+def environment(args) -> dict:
+    device = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else platform.processor() or "cpu"
+    return {
+        "device": f"{args.device.type}: {device}",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "timm": timm.__version__,
+        "hf_kdsearch": getattr(hf_kdsearch, "__version__", "?"),
+        "python": platform.python_version(),
+        "precision": args.precision,
+        "models": f"{args.teacher} -> {args.student}",
+        "steps": f"{args.steps} timed after {args.warmup} warm-up",
+        "command": "python " + " ".join(sys.argv),
+    }
+
+
+def render(results: dict, args) -> str:
+    env = environment(args)
+    lines = [f"{k}: {v}" for k, v in env.items()]
+    header = "| path | " + " | ".join(f"batch {b}" for b in args.batch_sizes) + " |"
+    lines += ["", "images/s:", "", header, "|---|" + "---|" * len(args.batch_sizes)]
+    for label, row in results.items():
+        cells = [f"{v:,.0f}" if isinstance(v, float) else v for v in row.values()]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "| ratio | " + " | ".join(f"batch {b}" for b in args.batch_sizes) + " |"]
+    lines.append("|---|" + "---|" * len(args.batch_sizes))
+    per_batch = {b: dict(ratios(results, b)) for b in args.batch_sizes}
+    for name in per_batch[args.batch_sizes[0]]:
+        cells = [f"{per_batch[b][name]:.2f}" if per_batch[b][name] is not None else "n/a" for b in args.batch_sizes]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if args.device.type != "cuda":
+        lines += ["", "(CPU run: the ratios are informational; the targets are for one GPU.)"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.backends.cudnn.benchmark = True
+    results = run(args)
+    print(render(results, args))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(args), "images_per_s": results}, f, indent=2)
+    failed = [f"{k} (batch {b})" for k, row in results.items() for b, v in row.items() if str(v).startswith("failed")]
+    if failed:
+        print("failed: " + "; ".join(failed), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

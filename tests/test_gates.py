@@ -1,0 +1,264 @@
+"""Gates, the FLOPs-weighted penalty and extraction: exact logits, exact FLOPs, budgets, errors, reloading."""
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from hf_kdsearch import add_gates, count_flops, extract_student, flops_weighted_l1, gate_parameters
+from hf_kdsearch.gates import gate_plan, select_units, soft_keep_fractions
+from hf_kdsearch.models.sliced_resnet import ShortcutBlock
+
+# name -> (create kwargs, input size, expected gate parameters)
+CASES = {
+    "cifar_resnet8": ({"num_classes": 10}, (3, 32, 32), 3 + 3),  # 3 blocks: a width and a depth gate each
+    "cifar_wrn_16_1": ({"num_classes": 10}, (3, 32, 32), 6 + 6),
+    "mnist_mlp": ({"hidden_dims": [48, 32]}, (1, 28, 28), 2),
+    "mnist_cnn": ({"widths": [8, 8, 16, 16]}, (1, 28, 28), 4),
+    "resnet18": ({"num_classes": 10}, (3, 64, 64), 8 + 8),
+}
+
+
+def make_teacher(name: str) -> nn.Module:
+    kwargs, _, _ = CASES[name]
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs)
+    # Non-trivial BN statistics and affine terms (timm zero-inits the last BN of each resnet18 block).
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data = torch.rand(m.weight.shape, generator=g) + 0.5
+            m.bias.data = torch.randn(m.bias.shape, generator=g) * 0.1
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model.eval()
+
+
+def batch(name: str, n: int = 4) -> torch.Tensor:
+    return torch.randn(n, *CASES[name][1], generator=torch.Generator().manual_seed(2))
+
+
+def set_random_gates(model: nn.Module, zero_fraction: float = 0.5, depth_zero: float = 0.3, seed: int = 3) -> None:
+    """Gates in [0.5, 1.5) with about `zero_fraction` of the channels (never all of a group) and `depth_zero` of
+    the branches set exactly to 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in gate_parameters(model).items():
+            p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            if "depth_gate" in name:
+                if torch.rand(1, generator=g).item() < depth_zero:
+                    p.zero_()
+            else:
+                p[torch.rand(p.shape, generator=g) < zero_fraction] = 0
+                p[0] = 0.75  # keep one channel per group, so the group's width equals its nonzero gates
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_gates_start_at_one_and_leave_the_logits_unchanged(name):
+    teacher = make_teacher(name)
+    gated = add_gates(copy.deepcopy(teacher)).eval()
+    gates = gate_parameters(gated)
+    assert len(gates) == CASES[name][2]
+    for n, p in gates.items():
+        assert "gate" in n and p.requires_grad and torch.equal(p, torch.ones_like(p))
+    # Every weight keeps its state-dict key; the only new entries are the gates.
+    assert set(gated.state_dict()) - set(teacher.state_dict()) == set(gates)
+    assert dict(gated.named_parameters()).keys() >= gates.keys()
+    x = batch(name)
+    assert torch.equal(gated(x), teacher(x))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_threshold_zero_extraction_folds_gates_and_matches_the_gated_logits(name):
+    teacher = make_teacher(name)
+    gated = add_gates(copy.deepcopy(teacher)).eval()
+    set_random_gates(gated)
+    size = CASES[name][1]
+    student = extract_student(gated, threshold=0.0, input_size=size).eval()
+    x = batch(name)
+    torch.testing.assert_close(student(x), gated(x), rtol=1e-5, atol=1e-5)
+    assert not [n for n, _ in student.named_parameters() if "gate" in n]
+    assert n_params(student) < n_params(teacher)
+
+    # The analytic FLOPs model is exact against torch's counter.
+    flops = count_flops(student, size)
+    assert flops == select_units(gated, threshold=0.0, input_size=size).flops
+    assert flops < count_flops(teacher, size)
+
+    # Widths and removed blocks are constructor arguments: the config alone rebuilds the shape.
+    rebuilt = timm.create_model(student.pretrained_cfg["architecture"], num_classes=10, **student.model_args)
+    rebuilt.load_state_dict(student.state_dict())
+    torch.testing.assert_close(rebuilt.eval()(x), student(x))
+    plan = gate_plan(gated)
+    removed = {plan.groups[n].label for n, p in gate_parameters(gated).items() if "depth" in n and p.item() == 0}
+    assert len(student.model_args.get("removed_blocks", [])) == len(removed)
+
+
+def test_found_widths_go_into_the_config():
+    gated = add_gates(make_teacher("cifar_resnet8"))
+    with torch.no_grad():
+        gates = gate_parameters(gated)
+        gates["stages.0.0.bn1.channel_gate"][5:] = 0  # keep 5 of 16
+        gates["stages.1.0.bn2.depth_gate"].zero_()  # remove block 1.0
+    student = extract_student(gated, threshold=0.0)
+    assert student.model_args["block_widths"][0] == [5]
+    assert student.model_args["block_widths"][2] == [64]
+    assert student.model_args["removed_blocks"] == ["1.0"]
+    assert not student.stages[1][0].has_branch and student.stages[0][0].conv1.out_channels == 5
+
+    mlp = add_gates(make_teacher("mnist_mlp"))
+    with torch.no_grad():
+        gate_parameters(mlp)["features.4.channel_gate"][::2] = 0
+    assert extract_student(mlp, threshold=0.0).model_args["hidden_dims"] == [48, 16]
+
+
+def test_timm_resnet18_student_is_a_registered_kdsearch_resnet():
+    gated = add_gates(make_teacher("resnet18"))
+    with torch.no_grad():
+        gates = gate_parameters(gated)
+        gates["layer2.1.bn2.depth_gate"].zero_()
+        gates["layer3.0.bn1.channel_gate"][100:] = 0
+    student = extract_student(gated, threshold=0.0, input_size=(3, 64, 64)).eval()
+    assert student.pretrained_cfg["architecture"] == "kdsearch_resnet"
+    assert student.model_args["base"] == "resnet18" and student.model_args["removed_blocks"] == ["1.1"]
+    assert student.model_args["block_widths"][2][0] == [100] and student.model_args["block_widths"][1][1] == []
+    assert isinstance(student.layer2[1], ShortcutBlock)
+    rebuilt = timm.create_model("kdsearch_resnet", num_classes=10, **student.model_args).eval()
+    rebuilt.load_state_dict(student.state_dict())
+    x = batch("resnet18", 2)
+    torch.testing.assert_close(rebuilt(x), gated.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet8", "mnist_mlp", "mnist_cnn", "resnet18"])
+def test_budget_extraction_fills_the_budget_to_within_one_channel(name):
+    teacher = make_teacher(name)
+    gated = add_gates(copy.deepcopy(teacher))
+    set_random_gates(gated, zero_fraction=0.0, depth_zero=0.0)
+    size = CASES[name][1]
+    budget = 0.3 * count_flops(teacher, size)
+    student = extract_student(gated, target_flops_ratio=0.3, input_size=size)
+    flops = count_flops(student, size)
+    assert flops <= budget
+
+    sel = select_units(gated, target_flops_ratio=0.3, input_size=size)
+    plan = gate_plan(gated)
+    assert sel.flops == flops
+    base = torch.tensor(
+        [
+            (0.0 if sel.removed[n] else 1.0)
+            if g.kind == "depth"
+            else (0.0 if g.block and sel.removed[g.block] else sel.kept[n].numel() / g.size)
+            for n, g in plan.groups.items()
+        ],
+        dtype=torch.float64,
+    )
+    grow = []
+    for i, g in enumerate(plan.groups.values()):
+        if g.kind == "width" and 0 < base[i] < 1:
+            more = base.clone()
+            more[i] += 1 / g.size
+            grow.append(float(plan.flops_of(more)) - flops)
+    # No live layer could take one more channel: the student is within one channel's worth of the budget.
+    assert grow and flops + min(grow) > budget
+
+    # Within a layer, kept channels are those with the largest gates.
+    for n, gate in gate_parameters(gated).items():
+        if n in sel.kept and sel.kept[n].numel() < gate.numel():
+            mask = torch.zeros(gate.numel(), dtype=torch.bool)
+            mask[sel.kept[n]] = True
+            assert gate.detach().abs()[mask].min() >= gate.detach().abs()[~mask].max()
+
+
+def test_unit_costs_are_flops_shares_and_the_penalty_gradient_is_their_sign():
+    gated = add_gates(make_teacher("mnist_mlp"))  # 784-48-32-10
+    plan = gate_plan(gated).measure(gated, (1, 28, 28))
+    costs = plan.unit_costs()
+    sizes = torch.tensor([g.size for g in plan.groups.values()], dtype=torch.float64)
+    torch.testing.assert_close((costs * sizes).sum(), torch.tensor(1.0, dtype=torch.float64))
+    # A first-layer unit carries 784 inputs and 32 outputs' worth of multiply-adds; a second-layer one 48 and 10.
+    torch.testing.assert_close(costs[0] / costs[1], torch.tensor((784 + 32) / (48 + 10), dtype=torch.float64))
+
+    gates = list(gate_parameters(gated).values())
+    penalty = flops_weighted_l1(gates, costs.float())
+    torch.testing.assert_close(penalty, torch.tensor(1.0))
+    with torch.no_grad():
+        gates[0][:3] = torch.tensor([-0.5, 0.0, 2.0])
+    flops_weighted_l1(gates, costs.float()).backward()
+    expected = torch.ones(48) * costs[0].float()
+    expected[0], expected[1] = -costs[0], 0.0  # d|g|/dg = sign(g), 0 at 0
+    torch.testing.assert_close(gates[0].grad, expected)
+
+    # A branch costs as much as all its channels together.
+    res = add_gates(make_teacher("cifar_resnet8"))
+    rplan = gate_plan(res).measure(res, (3, 32, 32))
+    c = dict(zip(rplan.groups, rplan.unit_costs().tolist()))
+    assert c["stages.1.0.bn2.depth_gate"] == pytest.approx(32 * c["stages.1.0.bn1.channel_gate"])
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet8", "mnist_mlp"])
+def test_soft_flops_of_binary_gates_are_the_extracted_students_flops(name):
+    gated = add_gates(make_teacher(name))
+    size = CASES[name][1]
+    set_random_gates(gated, zero_fraction=0.6, depth_zero=0.5, seed=7)
+    with torch.no_grad():
+        for p in gate_parameters(gated).values():
+            p.copy_((p != 0).float())
+    plan = gate_plan(gated).measure(gated, size)
+    soft = plan.flops_of(soft_keep_fractions(list(gate_parameters(gated).values())).double())
+    # Equal up to the float32 rounding of the kept fractions.
+    assert float(soft) == pytest.approx(count_flops(extract_student(gated, threshold=0.5, input_size=size), size))
+
+
+def test_a_copy_of_a_frozen_teacher_is_thawed_by_add_gates():
+    from hf_kdsearch.teacher import freeze_teacher
+
+    teacher = freeze_teacher(make_teacher("mnist_mlp"))
+    gated = add_gates(copy.deepcopy(teacher))
+    assert gated.train().training and all(p.requires_grad for p in gated.parameters())
+    assert not teacher.train().training and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_bad_input_raises_errors_that_name_the_problem():
+    with pytest.raises(TypeError, match="Sequential"):
+        add_gates(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match=r"layer1\.0\.se"):
+        add_gates(timm.create_model("seresnet18", num_classes=10))
+    gated = add_gates(make_teacher("mnist_mlp"))
+    with pytest.raises(ValueError, match="already has gates"):
+        add_gates(gated)
+    with pytest.raises(ValueError, match="exactly one of"):
+        extract_student(gated)
+    with pytest.raises(ValueError, match="exactly one of"):
+        extract_student(gated, threshold=0.0, target_flops_ratio=0.5)
+    with pytest.raises(ValueError, match="1.5"):
+        extract_student(gated, target_flops_ratio=1.5)
+    with pytest.raises(ValueError, match="smallest student.*0.0"):
+        extract_student(gated, target_flops_ratio=1e-4)
+    with pytest.raises(ValueError, match="no gates"):
+        extract_student(make_teacher("mnist_mlp"), threshold=0.0)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "gate" not in n)
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet8", "mnist_mlp", "resnet18"])
+def test_extracted_student_saves_and_reloads_with_timm_and_transformers(name, tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    from hf_kdsearch import save_student
+
+    gated = add_gates(make_teacher(name))
+    set_random_gates(gated)
+    student = extract_student(gated, threshold=0.0, input_size=CASES[name][1]).eval()
+    x = batch(name, 2)
+    with torch.no_grad():
+        expected = student(x)
+        folder = save_student(student, tmp_path / name, card={"method": "search", "teacher": name})
+        by_timm = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+        assert by_timm.model_args == student.model_args
+        torch.testing.assert_close(by_timm(x), expected, rtol=0, atol=0)
+        by_transformers = AutoModelForImageClassification.from_pretrained(folder).eval()
+        torch.testing.assert_close(by_transformers(pixel_values=x).logits, expected, rtol=0, atol=0)

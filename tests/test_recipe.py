@@ -1,0 +1,357 @@
+"""recipes/cifar100.py end to end, offline, on a tiny dataset with the Hub CIFAR-100 schema; and its pieces.
+
+The recipe runs in a subprocess (`python recipes/cifar100.py ...`) for 2 steps per stage with `cifar_resnet8` models,
+on 32 random 32x32 images stored as the Hub repo stores them (`cifar100/train-*.parquet`, columns `img`,
+`fine_label`, `coarse_label`) or as a `save_to_disk` folder. The pieces it is made of (dataset loading, the top-k
+metric, the step decay, the method defaults) are tested in-process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from hub_server import LoopbackHub
+from transformers import AutoModelForImageClassification, EvalPrediction
+
+from hf_kdsearch import count_flops, save_student
+from hf_kdsearch.data import DatasetLoadError, load_image_dataset, to_uint8_tensors
+from hf_kdsearch.metrics import TOPK_ACCURACY_PATH, TopKAccuracy, load_topk_accuracy
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "cifar100.py"
+FINE = [f"fine{i}" for i in range(100)]
+COARSE = [f"coarse{i}" for i in range(20)]
+
+
+def cifar_split(n: int, seed: int):
+    import datasets
+
+    features = datasets.Features(
+        {
+            "img": datasets.Image(),
+            "fine_label": datasets.ClassLabel(names=FINE),
+            "coarse_label": datasets.ClassLabel(names=COARSE),
+        }
+    )
+    rng = np.random.default_rng(seed)
+    return datasets.Dataset.from_dict(
+        {
+            "img": [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(n)],
+            "fine_label": rng.integers(0, 100, n).tolist(),
+            "coarse_label": rng.integers(0, 20, n).tolist(),
+        },
+        features=features,
+    )
+
+
+@pytest.fixture(scope="module")
+def cifar_copies(tmp_path_factory):
+    """The same 32 + 16 images as the Hub's parquet layout and as a save_to_disk folder."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("cifar100")
+    splits = datasets.DatasetDict(train=cifar_split(32, seed=0), test=cifar_split(16, seed=1))
+    (root / "parquet" / "cifar100").mkdir(parents=True)
+    for name, split in splits.items():
+        split.to_parquet(root / "parquet" / "cifar100" / f"{name}-00000-of-00001.parquet")
+    splits.save_to_disk(root / "disk")
+    return {"parquet": root / "parquet", "disk": root / "disk", "splits": splits}
+
+
+@pytest.fixture(scope="module")
+def teacher_folder(tmp_path_factory):
+    """A trained-weights teacher as a local folder (save_student format), as `--teacher` takes it."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("teacher") / "cifar_resnet8"
+    save_student(timm.create_model("cifar_resnet8", num_classes=100), folder)
+    return folder
+
+
+def run_recipe(*args, tmp_path, env=None, check=True) -> subprocess.CompletedProcess:
+    env = dict(os.environ if env is None else env)
+    env.setdefault("HF_HOME", str(tmp_path / "hf_home"))  # an empty cache: nothing on this machine is reused
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, str(RECIPE), *map(str, args)]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        raise AssertionError(f"{' '.join(command)} exited {proc.returncode}:\n{tail}")
+    return proc
+
+
+def tiny(dataset: Path, output_dir: Path, *extra) -> list:
+    return [
+        "--dataset_path",
+        dataset,
+        "--output_dir",
+        output_dir,
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "8",
+        "--per_device_eval_batch_size",
+        "16",
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "--seed",
+        "0",
+        *extra,
+    ]
+
+
+def assert_loadable(folder: Path) -> torch.nn.Module:
+    """Both loaders give the same logits, and the card and labels made it to the folder."""
+    by_timm = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    by_transformers = AutoModelForImageClassification.from_pretrained(folder).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(by_timm(x), by_transformers(pixel_values=x).logits)
+    assert by_transformers.config.id2label[7] == "fine7"  # class names from the dataset's features
+    return by_timm
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---- the recipe, end to end ------------------------------------------------------------------------------------------
+def test_kd_trains_the_teacher_once_then_search_reuses_it_and_pushes(cifar_copies, tmp_path):
+    out = tmp_path / "run"
+    arch = ["--teacher", "cifar_resnet8"]
+    kd = run_recipe(
+        "--method", "kd", *arch, "--student", "cifar_resnet8", *tiny(cifar_copies["parquet"], out), tmp_path=tmp_path
+    )
+    cache = out / "teacher-cifar_resnet8"
+    assert "stage 1: no trained weights for cifar_resnet8" in kd.stdout
+    assert (cache / "model.safetensors").is_file()
+    assert "'loss_kd'" in kd.stdout and "'eval_top5'" in kd.stdout  # distilled, evaluated with top-k accuracy
+    kd_student = assert_loadable(out / "student")
+    card = (out / "student" / "README.md").read_text()
+    assert "logit distillation" in card and "recipes/cifar100.py --method kd" in card
+    assert "trained by stage 1" in card and "top1" in card and "top5" in card
+
+    cached = file_hash(cache / "model.safetensors")
+    with LoopbackHub(timeout=500) as hub:
+        args = tiny(cifar_copies["parquet"], out, "--push_to_hub", "--hub_model_id", "user/cifar-search")
+        search = run_recipe("--method", "search", *arch, *args, tmp_path=tmp_path, env=hub.env(tmp_path / "hf_home"))
+        files = hub.files("user/cifar-search")
+    assert "reusing the trained teacher cached at" in search.stdout and "stage 1: no trained" not in search.stdout
+    assert file_hash(cache / "model.safetensors") == cached
+
+    assert {"README.md", "config.json", "model.safetensors", "search_widths.png", "search_report.json"} <= set(files)
+    readme = files["README.md"].decode()
+    assert "Gu & Tresp" in readme and "![search_widths](search_widths.png)" in readme
+    assert "--method search" in readme and "trained by stage 1" in readme
+    assert files["model.safetensors"] == (out / "student" / "model.safetensors").read_bytes()
+    assert json.loads(files["search_report.json"])  # the search phase's summary travels with the student
+    student = assert_loadable(out / "student")
+    teacher = timm.create_model(f"local-dir:{cache}", pretrained=True)
+    # The budget is 0.25 of the teacher's FLOPs, within one unit's worth.
+    assert count_flops(student) <= 0.3 * count_flops(teacher)
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in kd_student.parameters())
+
+
+@pytest.mark.slow
+def test_unix_distils_from_a_local_teacher_folder(cifar_copies, teacher_folder, tmp_path):
+    out = tmp_path / "run"
+    args = tiny(cifar_copies["parquet"], out, "--student", "cifar_resnet8")
+    proc = run_recipe("--method", "unix", "--teacher", teacher_folder, *args, tmp_path=tmp_path)
+    assert "stage 1" not in proc.stdout  # the folder holds trained weights
+    assert_loadable(out / "student")
+    card = (out / "student" / "README.md").read_text()
+    assert "UNIX" in card and str(teacher_folder) in card
+    assert '"teacher_fraction": 0.75' in card  # 6 of 8 samples per batch went to the teacher
+
+
+@pytest.mark.slow
+def test_ensemble_saves_every_student_from_a_saved_dataset(cifar_copies, tmp_path):
+    out = tmp_path / "run"
+    args = tiny(cifar_copies["disk"], out, "--student", "cifar_resnet8", "--num_students", "2")
+    proc = run_recipe("--method", "ensemble", *args, tmp_path=tmp_path)
+    assert "stage 1" not in proc.stdout  # no teacher: the students teach each other
+    wide, narrow = (assert_loadable(out / f"student{j}") for j in range(2))
+    assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in wide.parameters())
+    card = (out / "student1" / "README.md").read_text()
+    assert "online ensemble" in card and "ensemble_top1" in card
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_kd_under_two_process_ddp(cifar_copies, teacher_folder, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): one student, saved once, by the main process."""
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    args = ["--method", "kd", "--teacher", teacher_folder, "--student", "cifar_resnet8"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    proc = subprocess.run(
+        [*launch, str(RECIPE), *map(str, args), *map(str, tiny(cifar_copies["parquet"], out))],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "2 process(es), MULTI_CPU" in proc.stdout
+    assert proc.stdout.count("saved student to") == 1
+    assert_loadable(out / "student")
+
+
+def test_offline_without_a_local_copy_names_dataset_path(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty_hf_home")}
+    proc = run_recipe("--output_dir", tmp_path / "run", "--use_cpu", tmp_path=tmp_path, env=env, check=False)
+    assert proc.returncode == 2
+    assert "--dataset_path" in proc.stderr and "uoft-cs/cifar100" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# ---- the pieces ----------------------------------------------------------------------------------------------------
+def test_local_copies_load_with_the_cifar100_schema(cifar_copies):
+    for key in ("parquet", "disk"):
+        splits = load_image_dataset(path=str(cifar_copies[key]))
+        assert sorted(splits) == ["test", "train"]
+        data, names = to_uint8_tensors(splits["train"])
+        assert names == FINE  # the first ClassLabel column is fine_label
+        assert data.images.shape == (32, 3, 32, 32) and data.images.dtype == torch.uint8
+        expected = np.stack([np.asarray(im) for im in cifar_copies["splits"]["train"]["img"]])
+        assert torch.equal(data.images, torch.from_numpy(expected).permute(0, 3, 1, 2))
+        assert data.labels.tolist() == cifar_copies["splits"]["train"]["fine_label"]
+    coarse, names = to_uint8_tensors(load_image_dataset(path=str(cifar_copies["disk"]))["test"], "img", "coarse_label")
+    assert names == COARSE and coarse.labels.max() < 20
+
+
+def test_image_folder_and_single_parquet_file_load(cifar_copies, tmp_path):
+    from PIL import Image
+
+    for split, n in (("train", 3), ("test", 2)):
+        for label in ("cat", "dog"):
+            (tmp_path / "folder" / split / label).mkdir(parents=True)
+            for i in range(n):
+                pixels = np.full((8, 8, 3), 40 * i, dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "folder" / split / label / f"{i}.png")
+    splits = load_image_dataset(path=str(tmp_path / "folder"))
+    data, names = to_uint8_tensors(splits["train"])
+    assert names == ["cat", "dog"] and data.images.shape == (6, 3, 8, 8)
+    assert sorted(data.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    grey, _ = to_uint8_tensors(splits["test"], channels=1)
+    assert grey.images.shape == (4, 1, 8, 8)
+
+    single = next((cifar_copies["parquet"] / "cifar100").glob("test-*.parquet"))
+    assert len(load_image_dataset(path=str(single))["train"]) == 16
+
+
+def test_dataset_errors_are_clear(tmp_path, cifar_copies):
+    with pytest.raises(DatasetLoadError, match="'uoft-cs/cifar100': HF_HUB_OFFLINE is set"):
+        load_image_dataset("uoft-cs/cifar100")
+    with pytest.raises(DatasetLoadError, match="does not exist"):
+        load_image_dataset(path=str(tmp_path / "nowhere"))
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DatasetLoadError, match="not a .parquet file"):
+        load_image_dataset(path=str(tmp_path / "notes.txt"))
+    train = cifar_copies["splits"]["train"]
+    with pytest.raises(ValueError, match="label column 'label' is not in the dataset; its columns are"):
+        to_uint8_tensors(train, label_column="label")
+    with pytest.raises(ValueError, match="has no Image column"):
+        to_uint8_tensors(train.remove_columns("img"))
+
+
+def test_topk_metric_loads_offline_and_counts_ranked_hits():
+    import evaluate
+
+    metric = evaluate.load(TOPK_ACCURACY_PATH)
+    ranked = [[3, 1, 2], [0, 2, 1], [2, 0, 1], [1, 2, 0]]
+    assert metric.compute(predictions=ranked, references=[1, 0, 1, 0], top_k=(1, 2, 3)) == {
+        "top1": 0.25,
+        "top2": 0.5,
+        "top3": 1.0,
+    }
+    with pytest.raises(ValueError, match=r"top_k=\(5,\) needs every k in \[1, 3\]"):
+        load_topk_accuracy().compute(predictions=ranked, references=[1, 0, 1, 0], top_k=(5,))
+
+
+def test_topk_accuracy_for_the_trainer_matches_a_direct_count():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(200, 10), torch.randint(0, 10, (200,))
+    accuracy = TopKAccuracy(top_k=(1, 5))
+    ranked = accuracy.rank(logits)
+    assert ranked.shape == (200, 5)
+    got = accuracy(EvalPrediction(predictions=ranked.numpy(), label_ids=labels.numpy()))
+    top5 = (logits.topk(5).indices == labels[:, None]).any(1).float().mean().item()
+    assert got["top1"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+    assert got["top5"] == pytest.approx(top5)
+    # Raw logits (no preprocess_logits_for_metrics) give the same numbers.
+    assert accuracy(EvalPrediction(predictions=logits.numpy(), label_ids=labels.numpy())) == got
+    # (N, heads, C) logits: one set per head.
+    heads = TopKAccuracy(heads=["a", "b"])
+    both = torch.stack([logits, -logits], 1)
+    per_head = heads(EvalPrediction(predictions=heads.rank(both).numpy(), label_ids=labels.numpy()))
+    assert per_head["a_top1"] == got["top1"] and per_head["a_top5"] == got["top5"] and "b_top5" in per_head
+
+
+def load_recipe_module():
+    spec = importlib.util.spec_from_file_location("cifar100_recipe", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_method_defaults_follow_the_papers(tmp_path):
+    recipe = load_recipe_module()
+    r, args, hub = recipe.parse_args(["--output_dir", str(tmp_path), "--use_cpu"])
+    assert (r.method, r.student, r.teacher) == ("kd", "cifar_resnet20", "cifar_resnet56")
+    assert (args.num_train_epochs, args.learning_rate, args.per_device_train_batch_size) == (240, 0.05, 64)
+    assert (args.weight_decay, args.optim_args, args.alpha, args.temperature) == (5e-4, "momentum=0.9", 0.9, 4.0)
+    assert [round(m * 240) for m in r.lr_decay_at] == [150, 180, 210] and r.step_decay
+    assert args.device_augment and args.channels_last and not args.push_to_hub and not hub["push"]
+
+    r, args, _ = recipe.parse_args(["--method", "unix", "--output_dir", str(tmp_path), "--use_cpu"])
+    assert (args.alpha, args.temperature, r.select_ratio) == (1.0, 4.0, 0.75)
+
+    r, args, _ = recipe.parse_args(["--method", "ensemble", "--output_dir", str(tmp_path), "--use_cpu"])
+    assert (args.num_train_epochs, args.learning_rate, r.lr_decay_at, r.student) == (
+        450,
+        0.1,
+        [0.5, 0.75],
+        "cifar_resnet110",
+    )
+    assert args.optim_args == "momentum=0.9,nesterov=True"
+
+    r, args, hub = recipe.parse_args(
+        ["--output_dir", str(tmp_path), "--use_cpu", "--learning_rate", "0.01", "--lr_scheduler_type", "cosine"]
+        + ["--push_to_hub", "--hub_model_id", "user/x"]
+    )
+    assert args.learning_rate == 0.01 and not r.step_decay
+    assert hub["push"] and hub["repo_id"] == "user/x" and not args.push_to_hub  # the recipe pushes, not the Trainer
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--output_dir", str(tmp_path), "--push_to_hub"])
+
+
+def test_step_decay_multiplies_the_rate_at_each_fraction(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    recipe = load_recipe_module()
+    trainer_cls = recipe.with_step_decay(Trainer, [0.5, 0.75], 0.1)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, learning_rate=0.1, optim="sgd")
+    trainer = trainer_cls(model=torch.nn.Linear(2, 2), args=args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=100)
+    rates = []
+    for _ in range(100):
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert rates[0] == rates[49] == pytest.approx(0.1)
+    assert rates[50] == rates[74] == pytest.approx(0.01)
+    assert rates[75] == rates[99] == pytest.approx(0.001)

@@ -1,0 +1,228 @@
+"""GateSearchCallback inside the Trainer: the penalty's exact gradient, the lambda schedule, the report, resume, DDP."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from conftest import random_images
+
+from hf_kdsearch import (
+    DistillationArguments,
+    DistillationTrainer,
+    GateSearchCallback,
+    add_gates,
+    count_flops,
+    extract_student,
+    gate_parameters,
+    save_student,
+)
+from hf_kdsearch.gates import gate_plan
+from hf_kdsearch.hub import CARD_KEYS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = (1, 8, 8)
+
+
+def tiny_teacher() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("mnist_mlp", hidden_dims=[24, 16], img_size=8).eval()
+
+
+def trainer_for(tmp_path, cb, *, teacher=None, gated=None, **overrides):
+    teacher = teacher or tiny_teacher()
+    gated = gated or add_gates(copy.deepcopy(teacher))
+    settings = {
+        "output_dir": str(tmp_path),
+        "max_steps": 4,
+        "per_device_train_batch_size": 8,
+        "learning_rate": 0.1,
+        "optim": "sgd",
+        "lr_scheduler_type": "constant",
+        "weight_decay": 0.0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 0,
+        **overrides,
+    }
+    args = DistillationArguments(**settings)
+    return DistillationTrainer(
+        model=gated, teacher_model=teacher, args=args, callbacks=[cb], train_dataset=random_images(64, SIZE)
+    )
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_one_step_moves_each_gate_by_lr_lambda_cost(tmp_path, accumulation):
+    # The gated copy equals the teacher (no dropout, no BN), so the KD gradient is zero up to float rounding and the
+    # only gradient on a gate is the penalty's, lambda * c_j: one plain SGD step must give g = 1 - lr * lambda * c_j,
+    # also when the batch is split into accumulated micro-batches (the Trainer divides each by the number of splits).
+    cb = GateSearchCallback(target_flops_ratio=0.5, l1_weight=3.0, warmup_ratio=0.0, input_size=SIZE)
+    trainer = trainer_for(
+        tmp_path,
+        cb,
+        alpha=1.0,
+        max_steps=1,
+        per_device_train_batch_size=8 // accumulation,
+        gradient_accumulation_steps=accumulation,
+        max_grad_norm=0.0,
+    )
+    weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "gate" not in n}
+    trainer.train()
+    gated = trainer.model
+    costs = gate_plan(gated).unit_costs().float()
+    for (name, gate), c in zip(gate_parameters(gated).items(), costs):
+        torch.testing.assert_close(gate.detach(), torch.full_like(gate, 1 - 0.1 * 3.0 * float(c)), msg=name)
+    for n, p in gated.named_parameters():
+        if "gate" not in n:
+            torch.testing.assert_close(p.detach(), weights[n], rtol=0, atol=1e-6, msg=n)
+    log = trainer.state.log_history[0]
+    assert log["gate_l1"] == pytest.approx(3.0)  # lambda * sum_j c_j |1| = lambda
+    assert log["flops_ratio"] == pytest.approx(1.0)
+    assert log["loss"] == pytest.approx(log["gate_l1"] + log["loss_kd"], abs=1e-4)
+
+
+def test_lambda_warms_up_then_grows_while_over_budget_and_shrinks_under_it(tmp_path):
+    # Budget 5% is out of reach in 4 steps, so lambda grows after every step from the end of the warm-up.
+    over = GateSearchCallback(target_flops_ratio=0.05, l1_weight=2.0, warmup_ratio=0.5, l1_growth=1.5, input_size=SIZE)
+    trainer = trainer_for(tmp_path / "over", over)
+    trainer.train()
+    assert over.warmup_steps == 2
+    logged = [h["gate_lambda"] for h in trainer.state.log_history if "gate_lambda" in h][:4]
+    assert logged == pytest.approx([1.0, 2.0, 3.0, 4.5])  # 2*(1/2), 2*(2/2), then x1.5 after steps 2 and 3
+    assert over.current_l1_weight == pytest.approx(6.75)
+    ratios = [h["flops_ratio"] for h in trainer.state.log_history if "flops_ratio" in h][:4]
+    assert ratios[-1] < ratios[0] <= 1.0
+
+    # At budget 100% the expected FLOPs (1 at most) never exceed it: lambda falls after every step from step 2 on.
+    under = GateSearchCallback(target_flops_ratio=1.0, l1_weight=2.0, warmup_ratio=0.5, l1_growth=1.5, input_size=SIZE)
+    trainer_for(tmp_path / "under", under).train()
+    assert under.current_l1_weight == pytest.approx(2.0 / 1.5**3)
+
+
+def test_report_json_png_and_card_after_search(tmp_path):
+    teacher = tiny_teacher()
+    cb = GateSearchCallback(target_flops_ratio=0.3, l1_weight=5.0, input_size=SIZE, report_dir=str(tmp_path / "rep"))
+    trainer = trainer_for(tmp_path, cb, teacher=teacher, max_steps=3)
+    trainer.train()
+    report = json.loads((tmp_path / "rep" / "search_report.json").read_text())
+    assert report == json.loads(json.dumps(cb.report))
+    t_flops = count_flops(teacher, SIZE)
+    assert report["teacher"]["flops"] == t_flops and report["teacher"]["params"] == 24 * 65 + 16 * 25 + 10 * 17
+    assert report["student"]["flops"] <= 0.3 * t_flops and report["flops_ratio"] <= 0.3
+    assert [r["teacher"] for r in report["widths"]] == [24, 16]
+    assert all(0 < r["student"] <= r["teacher"] for r in report["widths"])
+    assert report["search"]["global_step"] == 3 and "final_l1_weight" in report["search"]
+    # extract_student reproduces the student the report describes.
+    student = extract_student(trainer.model, target_flops_ratio=0.3, input_size=SIZE)
+    assert student.model_args == report["student"]["model_args"]
+    assert [r["student"] for r in report["widths"]] == student.model_args["hidden_dims"]
+
+    from matplotlib.image import imread
+
+    png = tmp_path / "rep" / "search_widths.png"
+    assert cb.report_files == [str(tmp_path / "rep" / "search_report.json"), str(png)]
+    image = imread(png)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+    card = cb.card(teacher="mnist_mlp 24-16")
+    assert set(card) <= set(CARD_KEYS)
+    assert card["widths"] == {r["layer"]: [r["teacher"], r["student"]] for r in report["widths"]}
+    folder = save_student(student, tmp_path / "student", card=card, files=cb.report_files)
+    readme = (folder / "README.md").read_text()
+    assert "search_widths.png" in readme and "mnist_mlp 24-16" in readme
+
+
+@pytest.mark.parametrize("trainer_restores", [False, True])
+def test_resume_mid_search_restores_gates_and_lambda(tmp_path, trainer_restores):
+    # Either way lambda comes back: from trainer_state.json by the callback itself, or (restore_callback_states_...)
+    # by the Trainer, which then replaces the callback with one rebuilt from the stored state.
+    def run(out, resume=None):
+        cb = GateSearchCallback(
+            target_flops_ratio=0.05, l1_weight=1.0, warmup_ratio=0.0, l1_growth=1.2, input_size=SIZE
+        )
+        trainer = trainer_for(
+            out, cb, max_steps=8, save_strategy="steps", save_steps=4, logging_steps=4,
+            restore_callback_states_from_checkpoint=trainer_restores,
+        )  # fmt: skip
+        trainer.train(resume_from_checkpoint=resume)
+        used = next(c for c in trainer.callback_handler.callbacks if isinstance(c, GateSearchCallback))
+        return gate_parameters(trainer.model), used
+
+    full_gates, full_cb = run(tmp_path / "full")
+    state = json.loads((tmp_path / "full" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["stateful_callbacks"]["GateSearchCallback"]["attributes"]["current_l1_weight"] == pytest.approx(1.2**4)
+    resumed_gates, resumed_cb = run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-4"))
+    assert resumed_cb.current_l1_weight == pytest.approx(full_cb.current_l1_weight) == pytest.approx(1.2**8)
+    for name in full_gates:
+        torch.testing.assert_close(resumed_gates[name], full_gates[name], msg=name)
+        assert not torch.equal(full_gates[name], torch.ones_like(full_gates[name]))
+
+
+def test_callback_rejects_bad_settings_and_ungated_models(tmp_path):
+    with pytest.raises(ValueError, match="0.0"):
+        GateSearchCallback(target_flops_ratio=0.0)
+    with pytest.raises(ValueError, match="-1"):
+        GateSearchCallback(target_flops_ratio=0.5, l1_weight=-1)
+    with pytest.raises(ValueError, match="0.5"):
+        GateSearchCallback(target_flops_ratio=0.5, l1_growth=0.5)
+    teacher = tiny_teacher()
+    cb = GateSearchCallback(target_flops_ratio=0.5, input_size=SIZE)
+    with pytest.raises(ValueError, match="add_gates"):
+        trainer_for(tmp_path, cb, teacher=teacher, gated=copy.deepcopy(teacher)).train()
+    # The smallest student keeps one channel per layer, 3.6% of this teacher: a 1% budget fails before training.
+    cb = GateSearchCallback(target_flops_ratio=0.01, input_size=SIZE)
+    trainer = trainer_for(tmp_path, cb, teacher=teacher)
+    with pytest.raises(ValueError, match="0.0361"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+@pytest.mark.multiprocess
+def test_gates_stay_identical_across_two_ddp_ranks(tmp_path):
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        os.path.join(ROOT, "tests", "scripts", "ddp_gates.py"), str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["wrapped"] == "DistributedDataParallel"
+    assert ranks[0]["gates"].keys() == ranks[1]["gates"].keys()
+    for name, gate in ranks[0]["gates"].items():
+        assert torch.equal(gate, ranks[1]["gates"][name]), name
+        assert not torch.equal(gate, torch.ones_like(gate)), name  # the gates did move
+    assert ranks[0]["lambda"] == ranks[1]["lambda"] > 1.0
+    # Each rank saw its own shard, yet both log the same rank-averaged numbers.
+    assert ranks[0]["first_batch"] != ranks[1]["first_batch"]
+    assert ranks[0]["log"] == ranks[1]["log"]
+    steps = [h for h in ranks[0]["log"] if "loss" in h]
+    assert len(steps) == 2 and all(h["gate_l1"] > 0 and 0 < h["flops_ratio"] <= 1 for h in steps)
+    assert (tmp_path / "search_report.json").exists()
+
+
+@pytest.mark.slow
+def test_mnist_search_recipe_end_to_end(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "recipes"))
+    import mnist_search
+
+    summary = mnist_search.main(
+        ["--seeds", "0", "--runs", "inherited", "--teacher_epochs", "0.5", "--search_epochs", "0.5",
+         "--student_epochs", "0.5", "--output_dir", str(tmp_path)]
+    )  # fmt: skip
+    rows = summary["rows"]
+    assert [(r["run"], r["student"]) for r in rows] == [("inherited", "searched"), ("inherited", "uniform")]
+    budget = 0.25 * summary["teacher"]["flops"]
+    assert all(r["flops"] <= budget for r in rows) and all(0 < r["errors"] < 2000 for r in rows)
+    folder = tmp_path / "searched-student-0"
+    assert {"search_widths.png", "search_report.json", "README.md"} <= {p.name for p in folder.iterdir()}
+    reloaded = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    assert reloaded.model_args["hidden_dims"] == rows[0]["widths"]
