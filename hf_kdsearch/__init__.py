@@ -1,15 +1,33 @@
 """hf_kdsearch: knowledge distillation, student search, UNIX and online ensembles for the Hugging Face Trainer.
 
-Importing the package registers the CIFAR and MNIST model families with timm and with transformers' Auto classes.
+Importing the package registers the CIFAR and MNIST model families (and `kdsearch_resnet`, a sliced timm ResNet) with
+timm, so `timm.create_model` and transformers' `AutoModelForImageClassification` can build and reload them.
 """
 
 __version__ = "0.1.0"
 
 from .config import DistillationArguments
+from .data import DatasetLoadError, TensorImageDataset, load_image_dataset, load_mnist10k, to_uint8_tensors
+from .ensemble import OnlineEnsemble, OnlineEnsembleTrainer, build_ensemble
+from .fastpath import DeviceAugment, DeviceImageDataset, normalize_images, random_crop_flip
 from .flops import count_flops
+from .gates import add_gates, extract_student, flops_weighted_l1, gate_parameters
+from .hub import HubUnavailableError, load_student, push_student, save_student
 from .losses import feature_mse, kd_loss, mixed_cross_entropy, soft_target_cross_entropy
+from .metrics import TopKAccuracy, load_topk_accuracy
 from .models import cifar as _cifar  # noqa: F401  (registers cifar_* with timm)
 from .models import mnist as _mnist  # noqa: F401  (registers mnist_* with timm)
+from .search import GateSearchCallback, plot_widths, search_report
+from .selection import (
+    Selection,
+    UncertaintyMixupCallback,
+    apply_selection,
+    num_selected,
+    rank_mixup_mask,
+    select_uncertain,
+    uncertainty_scores,
+    unix_cost_ratio,
+)
 from .teacher import TeacherLoadError, load_teacher
 from .trainer import (
     ClassificationTrainer,
@@ -22,80 +40,52 @@ from .trainer import (
 )
 
 __all__ = [
-    "HubUnavailableError",
-    "load_student",
-    "push_student",
-    "save_student",
-    "OnlineEnsemble",
-    "OnlineEnsembleTrainer",
+    "add_gates",
+    "apply_selection",
     "build_ensemble",
     "ClassificationTrainer",
-    "DistillationArguments",
-    "TensorImageDataset",
-    "load_mnist10k",
+    "count_flops",
     "DatasetLoadError",
     "DeviceAugment",
     "DeviceImageDataset",
-    "TopKAccuracy",
-    "load_image_dataset",
-    "load_topk_accuracy",
-    "normalize_images",
-    "random_crop_flip",
-    "to_uint8_tensors",
+    "DistillationArguments",
     "DistillationCallback",
     "DistillationMixin",
     "DistillationTrainer",
-    "LossMetricsMixin",
-    "TeacherLoadError",
-    "count_flops",
-    "feature_mse",
-    "forward_model",
-    "kd_loss",
-    "load_teacher",
-    "logits_of",
-    "mixed_cross_entropy",
-    "soft_target_cross_entropy",
-    "GateSearchCallback",
-    "add_gates",
     "extract_student",
+    "feature_mse",
     "flops_weighted_l1",
+    "forward_model",
     "gate_parameters",
-    "plot_widths",
-    "search_report",
-    "Selection",
-    "UncertaintyMixupCallback",
-    "apply_selection",
+    "GateSearchCallback",
+    "HubUnavailableError",
+    "kd_loss",
+    "load_image_dataset",
+    "load_mnist10k",
+    "load_student",
+    "load_teacher",
+    "load_topk_accuracy",
+    "logits_of",
+    "LossMetricsMixin",
+    "mixed_cross_entropy",
+    "normalize_images",
     "num_selected",
+    "OnlineEnsemble",
+    "OnlineEnsembleTrainer",
+    "plot_widths",
+    "push_student",
+    "random_crop_flip",
     "rank_mixup_mask",
+    "save_student",
+    "search_report",
     "select_uncertain",
+    "Selection",
+    "soft_target_cross_entropy",
+    "TeacherLoadError",
+    "TensorImageDataset",
+    "to_uint8_tensors",
+    "TopKAccuracy",
     "uncertainty_scores",
+    "UncertaintyMixupCallback",
     "unix_cost_ratio",
 ]
-
-# Later modules append their imports below, one block each.
-# [ensemble]
-from .data import DatasetLoadError, TensorImageDataset, load_image_dataset, load_mnist10k, to_uint8_tensors  # noqa: E402
-
-# [selection]
-from .ensemble import OnlineEnsemble, OnlineEnsembleTrainer, build_ensemble  # noqa: E402
-from .fastpath import DeviceAugment, DeviceImageDataset, normalize_images, random_crop_flip  # noqa: E402
-
-# [hub]
-from .gates import add_gates, extract_student, flops_weighted_l1, gate_parameters  # noqa: E402
-from .hub import HubUnavailableError, load_student, push_student, save_student  # noqa: E402
-from .metrics import TopKAccuracy, load_topk_accuracy  # noqa: E402
-from .search import GateSearchCallback, plot_widths, search_report  # noqa: E402
-
-# [gates]
-from .selection import (  # noqa: E402
-    Selection,
-    UncertaintyMixupCallback,
-    apply_selection,
-    num_selected,
-    rank_mixup_mask,
-    select_uncertain,
-    uncertainty_scores,
-    unix_cost_ratio,
-)
-
-# [data]

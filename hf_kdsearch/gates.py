@@ -57,6 +57,7 @@ from .flops import count_flops
 from .models.cifar import CifarResNet, CifarWideResNet
 from .models.mnist import MLP, SmallCNN
 from .models.sliced_resnet import ShortcutBlock, resnet_block_widths
+from .teacher import FROZEN_FLAG
 
 __all__ = [
     "GateGroup",
@@ -401,8 +402,8 @@ def add_gates(model: nn.Module, *, depth: bool = True) -> nn.Module:
     optimizer, checkpoints and DDP treat them like weights and the logits equal the ungated model's exactly. The model
     is changed in place and returned; gate the student copy, not the teacher:
     `gated = add_gates(copy.deepcopy(teacher))`. The plan (`model.gate_plan`) records where the gates are. A copy of
-    a teacher that a `DistillationTrainer` has already frozen (its `train()` locked to eval mode, its weights set not
-    to require grad) is thawed first, so the gated copy trains like a fresh model.
+    a teacher that a `DistillationTrainer` has already frozen (weights set not to require grad) is thawed first, so
+    the gated copy trains like a fresh model.
 
     Method: Gu & Tresp 2020, https://arxiv.org/abs/2001.11612; see the module docstring for where gates go and why
     residual-stream channels stay ungated.
@@ -417,11 +418,12 @@ def add_gates(model: nn.Module, *, depth: bool = True) -> nn.Module:
     inner = unwrap_model(model)
     if getattr(inner, "gate_plan", None) is not None:
         raise ValueError(f"{type(inner).__name__} already has gates (model.gate_plan is set); gate a fresh copy")
-    if "train" in vars(inner):
-        # A deep copy of a teacher that a DistillationTrainer froze inherits its eval-mode lock and frozen weights;
-        # as a student it would never leave eval mode, and the trainer only calls the loss hooks in training mode.
-        del inner.train
+    if getattr(inner, FROZEN_FLAG, False):
+        # A deep copy of a teacher that a DistillationTrainer froze inherits its frozen weights; as a student they
+        # must train again.
+        delattr(inner, FROZEN_FLAG)
         inner.requires_grad_(True)
+        inner.train()
     family, planner = _family(inner)
     groups, layers = planner(inner, depth)
     if not groups:

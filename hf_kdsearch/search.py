@@ -205,7 +205,7 @@ class GateSearchCallback(DistillationCallback, ExportableState):
         if not kwargs["model"].training:
             raise RuntimeError(
                 "the gated model was in eval mode during a training step, so the gate penalty was never applied; "
-                "is its train() overridden (e.g. a copy of a teacher frozen by hf_kdsearch.teacher.freeze_teacher)?"
+                "is its train() overridden?"
             )
         if self._ready and state.global_step >= self.warmup_steps and self.l1_growth > 1:
             over = self.expected_flops_ratio() > self.target_flops_ratio

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import types
 from typing import Any
 
 import torch
@@ -96,16 +95,20 @@ def load_teacher(name_or_path: str, **kwargs: Any) -> nn.Module:
         ) from err
 
 
-def _locked_train(self: nn.Module, mode: bool = True) -> nn.Module:
-    # The teacher stays in eval mode whatever its callers ask: BN statistics and dropout must not move.
-    return nn.Module.train(self, False)
+#: Set on a teacher by `freeze_teacher`; `add_gates` reads it to thaw a deep copy meant as a student.
+FROZEN_FLAG = "_hf_kdsearch_frozen_teacher"
 
 
 def freeze_teacher(teacher: nn.Module) -> nn.Module:
-    """Put `teacher` in eval mode for good, and stop gradients into its parameters. Returns the same object."""
+    """Put `teacher` in eval mode and stop gradients into its parameters. Returns the same object.
+
+    Eval mode is also enforced at every use (`DistillationMixin.teacher_logits`), rather than by overriding the
+    teacher's `train()`: an override would follow the object into `copy.deepcopy`, and a student copied from a used
+    teacher would silently never train.
+    """
     teacher.requires_grad_(False)
     teacher.eval()
-    teacher.train = types.MethodType(_locked_train, teacher)
+    setattr(teacher, FROZEN_FLAG, True)
     return teacher
 
 

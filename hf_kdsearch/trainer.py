@@ -146,6 +146,10 @@ class LossMetricsMixin:
             inputs = self.device_augment(inputs, train=self.model.training)
         return inputs
 
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        # Architecture gates carry their own L1 penalty; weight decay on top would shrink them towards 0 twice.
+        return [n for n in super().get_decay_parameter_names(model) if "gate" not in n]
+
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         # A timm forward(x) names no dataset column; keep the ones a distillation batch is made of.
@@ -213,6 +217,11 @@ class DistillationMixin(LossMetricsMixin):
                 "with CUDA_VISIBLE_DEVICES=0."
             )
         super().__init__(*args, **kwargs)
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError(
+                "the student has no parameter that requires grad; is it a copy of a teacher frozen by an earlier "
+                "DistillationTrainer? Call student.requires_grad_(True) first"
+            )
         if isinstance(teacher_model, str):
             teacher_model = load_teacher(teacher_model)
         if teacher_model is self.model:
@@ -269,6 +278,8 @@ class DistillationMixin(LossMetricsMixin):
     def teacher_logits(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         """Teacher logits for a batch, under `no_grad`, with the input re-normalised for the teacher if needed."""
         teacher = self._prepared_teacher()
+        if teacher.training:  # BN statistics and dropout of the teacher must never move, whoever called train()
+            teacher.eval()
         if self._renorm is not None and "pixel_values" in inputs:
             scale, shift = self._renorm
             inputs = {**inputs, "pixel_values": torch.addcmul(shift, inputs["pixel_values"], scale)}

@@ -7,7 +7,7 @@ It trains, on the CPU and with progress bars:
 1. a teacher, an MLP 784-512-512-10 with dropout 0.3 (AdamW, as in METHODS.md's measurement);
 2. the student, an MLP 784-64-10, alone (cross-entropy) for each seed;
 3. the same student distilled from the teacher (T = 4, alpha = 0.9) for each seed, with the same optimiser
-   (SGD, momentum 0.9, lr 0.05, linear decay, batch 64) and the same initialisation as its "alone" twin.
+   (SGD, momentum 0.9, lr 0.02, linear decay, batch 64, no clipping) and the same initialisation as its "alone" twin.
 Then it prints held-out errors (2,000 digits) and parameter counts. Measured results are in the README.
 """
 
@@ -39,7 +39,13 @@ class QuickstartArguments:
     student_epochs: float = field(default=10, metadata={"help": "Student training epochs (alone and distilled)."})
     temperature: float = field(default=4.0, metadata={"help": "KD temperature T."})
     alpha: float = field(default=0.9, metadata={"help": "KD weight; CE gets 1 - alpha."})
-    lr: float = field(default=0.05, metadata={"help": "Student SGD learning rate."})
+    lr: float = field(
+        default=0.02,
+        metadata={
+            "help": "Student SGD learning rate, the same for both students. On standardised pixels the KD gradient "
+            "(T^2-scaled) is ~3x the CE gradient, and at 0.05 distillation lost to training alone (README)."
+        },
+    )
     max_grad_norm: float = field(
         default=0.0,
         metadata={

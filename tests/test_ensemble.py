@@ -320,5 +320,10 @@ def test_exported_students_save_and_reload_with_equal_logits(tmp_path):
 
 
 def test_save_students_needs_a_config_that_matches_the_input_channels(tmp_path):
+    # 1-channel students get a 1-channel pretrained_cfg by default, so they save; a contradicting overlay is refused.
+    tiny_ensemble().save_students(tmp_path / "ok")
+    reloaded = timm.create_model(f"local-dir:{tmp_path / 'ok' / 'student0'}", pretrained=True)
+    assert reloaded.pretrained_cfg["input_size"] == (1, 32, 32)
+    bad = tiny_ensemble(pretrained_cfg_overlay={"input_size": (3, 32, 32)})
     with pytest.raises(ValueError, match=r"1 input channels but their pretrained_cfg says input_size=\(3, 32, 32\)"):
-        tiny_ensemble().save_students(tmp_path)
+        bad.save_students(tmp_path / "bad")

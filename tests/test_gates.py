@@ -216,8 +216,8 @@ def test_a_copy_of_a_frozen_teacher_is_thawed_by_add_gates():
 
     teacher = freeze_teacher(make_teacher("mnist_mlp"))
     gated = add_gates(copy.deepcopy(teacher))
-    assert gated.train().training and all(p.requires_grad for p in gated.parameters())
-    assert not teacher.train().training and not any(p.requires_grad for p in teacher.parameters())
+    assert gated.training and all(p.requires_grad for p in gated.parameters())
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
 
 
 def test_bad_input_raises_errors_that_name_the_problem():

@@ -142,8 +142,11 @@ def test_teacher_is_bit_identical_and_in_eval_mode_after_training(tmp_path, imag
         assert torch.equal(after[k], v), k
     assert not trainer.teacher_model.training
     assert all(not p.requires_grad for p in trainer.teacher_model.parameters())
+    # Even if someone flips the teacher to train mode, it runs in eval mode and its BN statistics stay put.
     trainer.teacher_model.train()
+    trainer.teacher_logits({"pixel_values": images32.images[:8]})
     assert not trainer.teacher_model.training
+    assert all(torch.equal(trainer.teacher_model.state_dict()[k], v) for k, v in before_teacher.items())
     changed = [k for k, v in params_of(student).items() if not torch.equal(v, before_student[k])]
     assert any(k.endswith("weight") for k in changed)
 
@@ -517,6 +520,29 @@ def test_classification_trainer_trains_alone_and_logs_ce(tmp_path, images32):
     trainer.train()
     assert trainer.evaluate()["eval_loss_ce"] > 0
     assert all("loss_ce" in h for h in trainer.state.log_history if "loss" in h)
+
+
+def test_a_student_copied_from_a_used_teacher_is_refused_until_thawed(tmp_path, images32):
+    teacher = cifar(seed=1)
+    DistillationTrainer(model=cifar(seed=0), teacher_model=teacher, args=kd_args(tmp_path), train_dataset=images32)
+    student = copy.deepcopy(teacher)  # frozen weights come along with the copy
+    with pytest.raises(ValueError, match="requires_grad_"):
+        DistillationTrainer(model=student, teacher_model=teacher, args=kd_args(tmp_path))
+    student.requires_grad_(True)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=kd_args(tmp_path), train_dataset=images32)
+    trainer.train()
+    assert student.training and not teacher.training
+
+
+def test_gates_get_no_weight_decay(tmp_path, images32):
+    from hf_kdsearch import add_gates
+
+    gated = add_gates(cifar(seed=0))
+    trainer = DistillationTrainer(model=gated, teacher_model=cifar(seed=1), args=kd_args(tmp_path, weight_decay=0.1))
+    decayed = set(trainer.get_decay_parameter_names(gated))
+    gates = {n for n, _ in gated.named_parameters() if "gate" in n}
+    assert gates and not gates & decayed
+    assert "fc.weight" in decayed
 
 
 def test_teacher_copy_is_independent(tmp_path, images32):
