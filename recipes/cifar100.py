@@ -155,6 +155,9 @@ COMMON_DEFAULTS = dict(
     optim_args="momentum=0.9",
     num_train_epochs=240,
     warmup_steps=0,
+    # The papers do not clip. The Trainer's default (1.0) would clip most KD steps (T^2-scaled gradients) and few
+    # CE steps: a hidden learning-rate cut for the distilled student only (README, "A note on gradient clipping").
+    max_grad_norm=0.0,
     eval_strategy="epoch",
     save_strategy="epoch",
     save_total_limit=1,

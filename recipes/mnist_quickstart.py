@@ -1,13 +1,14 @@
 """Offline quickstart: distil an MLP teacher into a small MLP student on 10,000 real MNIST digits.
 
     make quickstart                      # = python recipes/mnist_quickstart.py (sets up .venv first)
-    python recipes/mnist_quickstart.py --seeds 0 1 2 3 4 --student_hidden 32
+    python recipes/mnist_quickstart.py --seeds 0 1 2 --lr 0.02 --max_grad_norm 0
 
 It trains, on the CPU and with progress bars:
 1. a teacher, an MLP 784-512-512-10 with dropout 0.3 (AdamW, as in METHODS.md's measurement);
 2. the student, an MLP 784-64-10, alone (cross-entropy) for each seed;
 3. the same student distilled from the teacher (T = 4, alpha = 0.9) for each seed, with the same optimiser
-   (SGD, momentum 0.9, lr 0.02, linear decay, batch 64, no clipping) and the same initialisation as its "alone" twin.
+   (SGD, momentum 0.9, lr 0.05, linear decay, batch 64, gradient clipping at 1.0) and the same initialisation as
+   its "alone" twin.
 Then it prints held-out errors (2,000 digits) and parameter counts. Measured results are in the README.
 """
 
@@ -32,25 +33,19 @@ from hf_kdsearch.data import collate_tensor_batch
 @dataclass
 class QuickstartArguments:
     output_dir: str = field(default="out/quickstart", metadata={"help": "Where the teacher and results go."})
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Student seeds."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "Student seeds."})
     teacher_hidden: list[int] = field(default_factory=lambda: [512, 512], metadata={"help": "Teacher MLP widths."})
     student_hidden: list[int] = field(default_factory=lambda: [64], metadata={"help": "Student MLP widths."})
     teacher_epochs: float = field(default=10, metadata={"help": "Teacher training epochs."})
     student_epochs: float = field(default=10, metadata={"help": "Student training epochs (alone and distilled)."})
     temperature: float = field(default=4.0, metadata={"help": "KD temperature T."})
     alpha: float = field(default=0.9, metadata={"help": "KD weight; CE gets 1 - alpha."})
-    lr: float = field(
-        default=0.02,
-        metadata={
-            "help": "Student SGD learning rate, the same for both students. On standardised pixels the KD gradient "
-            "(T^2-scaled) is ~3x the CE gradient, and at 0.05 distillation lost to training alone (README)."
-        },
-    )
+    lr: float = field(default=0.05, metadata={"help": "Student SGD learning rate, the same for both students."})
     max_grad_norm: float = field(
-        default=0.0,
+        default=1.0,
         metadata={
-            "help": "Gradient clipping for the students; 0 = none, as in the papers. The Trainer's default of 1.0 "
-            "clips most distilled steps (their T^2-scaled gradient norm is ~2) and few CE steps, which handicaps KD."
+            "help": "Gradient clipping for both students (the Trainer's default, 1.0; 0 = none). The README's sweep "
+            "over lr and clipping found this the best setting for both the distilled and the lone student."
         },
     )
 
