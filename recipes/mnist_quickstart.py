@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import timm
 import torch
+from mnist_common import held_out_errors, mnist_args, train_teacher
 from transformers import HfArgumentParser, set_seed
 
 import hf_kdsearch
-from hf_kdsearch import ClassificationTrainer, DistillationArguments, DistillationTrainer, load_mnist10k
+from hf_kdsearch import ClassificationTrainer, DistillationTrainer, load_mnist10k
 from hf_kdsearch.data import collate_tensor_batch
 
 
@@ -50,29 +51,6 @@ class QuickstartArguments:
     )
 
 
-def training_args(out: str, seed: int, epochs: float, **overrides) -> DistillationArguments:
-    return DistillationArguments(
-        output_dir=out,
-        seed=seed,
-        num_train_epochs=epochs,
-        per_device_train_batch_size=64,
-        per_device_eval_batch_size=500,
-        lr_scheduler_type="linear",
-        weight_decay=0.0,
-        logging_steps=50,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        dataloader_drop_last=False,
-        **overrides,
-    )
-
-
-def held_out_errors(trainer, dataset) -> int:
-    logits = trainer.predict(dataset).predictions
-    return int((np.asarray(logits).argmax(-1) != dataset.labels.numpy()).sum())
-
-
 def main(argv: list[str] | None = None) -> dict:
     (q,) = HfArgumentParser(QuickstartArguments).parse_args_into_dataclasses(argv)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
@@ -81,13 +59,9 @@ def main(argv: list[str] | None = None) -> dict:
     sgd = {"optim": "sgd", "optim_args": "momentum=0.9", "learning_rate": q.lr}
     started = time.time()
 
-    set_seed(0)
-    teacher = timm.create_model("mnist_mlp", hidden_dims=q.teacher_hidden, drop_rate=0.3)
-    print(f"[1/3] teacher {q.teacher_hidden}: {sum(p.numel() for p in teacher.parameters()):,} parameters")
-    targs = training_args(f"{q.output_dir}/teacher", 0, q.teacher_epochs, optim="adamw_torch", learning_rate=1e-3)
-    teacher_trainer = ClassificationTrainer(model=teacher, args=targs, **common)
-    teacher_trainer.train()
-    results = {"teacher": [held_out_errors(teacher_trainer, held_out)], "alone": [], "distilled": []}
+    print(f"[1/3] teacher {q.teacher_hidden}")
+    teacher = train_teacher(f"{q.output_dir}/teacher", train, q.teacher_hidden, q.teacher_epochs)
+    results = {"teacher": [held_out_errors(teacher, held_out)], "alone": [], "distilled": []}
 
     for i, seed in enumerate(q.seeds):
         for mode in ("alone", "distilled"):
@@ -95,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
             student = timm.create_model("mnist_mlp", hidden_dims=q.student_hidden)
             step = 2 if mode == "alone" else 3
             print(f"[{step}/3] student {q.student_hidden} {mode}, seed {seed} ({i + 1}/{len(q.seeds)})")
-            args = training_args(
+            args = mnist_args(
                 f"{q.output_dir}/{mode}-{seed}",
                 seed,
                 q.student_epochs,
@@ -109,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, **common)
             trainer.train()
-            results[mode].append(held_out_errors(trainer, held_out))
+            results[mode].append(held_out_errors(student, held_out))
 
     params = {
         "teacher": sum(p.numel() for p in teacher.parameters()),

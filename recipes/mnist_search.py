@@ -43,12 +43,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import timm
 import torch
+from mnist_common import held_out_errors, mnist_args, train_teacher
 from transformers import HfArgumentParser, set_seed
 
 import hf_kdsearch
 from hf_kdsearch import (
-    ClassificationTrainer,
-    DistillationArguments,
     DistillationTrainer,
     GateSearchCallback,
     add_gates,
@@ -80,30 +79,6 @@ class SearchRecipeArguments:
     lr: float = field(default=0.05, metadata={"help": "Student SGD learning rate."})
     temperature: float = field(default=4.0, metadata={"help": "KD temperature T."})
     alpha: float = field(default=0.9, metadata={"help": "KD weight; CE gets 1 - alpha."})
-
-
-def training_args(out: str, seed: int, epochs: float, **overrides) -> DistillationArguments:
-    return DistillationArguments(
-        output_dir=out,
-        seed=seed,
-        num_train_epochs=epochs,
-        per_device_train_batch_size=64,
-        per_device_eval_batch_size=500,
-        lr_scheduler_type="linear",
-        weight_decay=0.0,
-        logging_steps=50,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        **overrides,
-    )
-
-
-def held_out_errors(model: torch.nn.Module, dataset) -> int:
-    model.eval()
-    with torch.no_grad():
-        return int((model(dataset.images).argmax(-1) != dataset.labels).sum())
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -139,11 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     kd = {"temperature": q.temperature, "alpha": q.alpha, "optim": "sgd", "optim_args": "momentum=0.9"}
     started = time.time()
 
-    set_seed(0)
-    teacher = timm.create_model("mnist_mlp", hidden_dims=q.teacher_hidden, drop_rate=0.3)
-    targs = training_args(f"{q.output_dir}/teacher", 0, q.teacher_epochs, optim="adamw_torch", learning_rate=1e-3)
-    ClassificationTrainer(model=teacher, args=targs, **common).train()
-    teacher.eval()
+    teacher = train_teacher(f"{q.output_dir}/teacher", train, q.teacher_hidden, q.teacher_epochs, disable_tqdm=True)
     t_flops, t_params, t_err = count_flops(teacher, INPUT), n_params(teacher), held_out_errors(teacher, held_out)
     h = uniform_width(t_flops, q.target_flops_ratio, len(q.teacher_hidden))
     print(f"teacher {q.teacher_hidden}: {t_err} held-out errors, {t_flops:,} FLOPs; uniform width at budget: {h}")
@@ -158,7 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
         cb = GateSearchCallback(
             target_flops_ratio=q.target_flops_ratio, l1_weight=q.l1_weight, l1_growth=q.l1_growth, input_size=INPUT
         )
-        sargs = training_args(f"{q.output_dir}/search-{seed}", seed, q.search_epochs, learning_rate=q.search_lr, **kd)
+        sargs = mnist_args(
+            f"{q.output_dir}/search-{seed}", seed, q.search_epochs, learning_rate=q.search_lr, disable_tqdm=True, **kd
+        )
         DistillationTrainer(model=gated, teacher_model=teacher, args=sargs, callbacks=[cb], **common).train()
         searched = extract_student(gated, target_flops_ratio=q.target_flops_ratio, input_size=INPUT)
         widths = searched.model_args["hidden_dims"]
@@ -174,8 +147,13 @@ def main(argv: list[str] | None = None) -> dict:
                     dims = widths if kind == "searched" else [h] * len(widths)
                     student = timm.create_model("mnist_mlp", hidden_dims=dims)
                 student.train()
-                args = training_args(
-                    f"{q.output_dir}/{run}-{kind}-{seed}", seed, q.student_epochs, learning_rate=q.lr, **kd
+                args = mnist_args(
+                    f"{q.output_dir}/{run}-{kind}-{seed}",
+                    seed,
+                    q.student_epochs,
+                    learning_rate=q.lr,
+                    disable_tqdm=True,
+                    **kd,
                 )
                 DistillationTrainer(model=student, teacher_model=teacher, args=args, **common).train()
                 row = {

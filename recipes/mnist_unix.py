@@ -40,13 +40,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import timm
 import torch
+from mnist_common import held_out_errors, mnist_args, train_teacher
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, set_seed
 
 import hf_kdsearch
 from hf_kdsearch import (
-    ClassificationTrainer,
-    DistillationArguments,
     DistillationTrainer,
     UncertaintyMixupCallback,
     count_flops,
@@ -71,32 +70,8 @@ class UnixArguments:
     student_epochs: float = field(default=10, metadata={"help": "Student training epochs."})
 
 
-def training_args(out: str, seed: int, epochs: float, **overrides) -> DistillationArguments:
-    return DistillationArguments(
-        output_dir=out,
-        seed=seed,
-        num_train_epochs=epochs,
-        per_device_train_batch_size=64,
-        lr_scheduler_type="linear",
-        weight_decay=0.0,
-        logging_steps=125,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        **overrides,
-    )
-
-
 def new_student() -> torch.nn.Module:
     return timm.create_model("mnist_mlp", hidden_dims=[64])
-
-
-@torch.no_grad()
-def held_out_errors(model: torch.nn.Module, dataset) -> int:
-    model.eval()
-    logits = model(dataset.images)
-    return int((logits.argmax(-1) != dataset.labels).sum())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -108,10 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     common = {"train_dataset": train, "data_collator": collate_tensor_batch}
     started = time.time()
 
-    set_seed(0)
-    teacher = timm.create_model("mnist_mlp", hidden_dims=[512, 512], drop_rate=0.3)
-    targs = training_args(f"{a.output_dir}/teacher", 0, a.teacher_epochs, optim="adamw_torch", learning_rate=1e-3)
-    ClassificationTrainer(model=teacher, args=targs, **common).train()
+    teacher = train_teacher(f"{a.output_dir}/teacher", train, epochs=a.teacher_epochs, disable_tqdm=True)
     teacher_errors = held_out_errors(teacher, held_out)
     print(f"teacher 784-512-512-10: {teacher_errors} held-out errors")
 
@@ -129,7 +101,9 @@ def main(argv: list[str] | None = None) -> dict:
         set_seed(seed)  # the same initial student for every run of a seed
         student = new_student()
         sgd = {"optim": "sgd", "optim_args": "momentum=0.9", "learning_rate": 0.05}
-        args = training_args(f"{a.output_dir}/{run}-{seed}", seed, a.student_epochs, temperature=4.0, alpha=0.9, **sgd)
+        args = mnist_args(
+            f"{a.output_dir}/{run}-{seed}", seed, a.student_epochs, temperature=4.0, alpha=0.9, disable_tqdm=True, **sgd
+        )
         cb = None if RUNS[run] is None else UncertaintyMixupCallback(**RUNS[run], teacher_flops_ratio=flops_ratio)
         callbacks = [] if cb is None else [cb]
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, callbacks=callbacks, **common)

@@ -25,6 +25,7 @@ def test_quickstart_trains_teacher_and_students_on_real_digits(tmp_path, monkeyp
     spec = importlib.util.spec_from_file_location("quickstart", os.path.join(ROOT, "recipes", "mnist_quickstart.py"))
     quickstart = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "quickstart", quickstart)  # dataclasses look their module up
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "recipes"))  # as `python recipes/...` would
     spec.loader.exec_module(quickstart)
     summary = quickstart.main(
         ["--seeds", "0", "--teacher_epochs", "1", "--student_epochs", "1", "--output_dir", str(tmp_path)]

@@ -1,0 +1,55 @@
+"""What the MNIST recipes share: the Trainer settings of their CPU runs, their teacher, and the held-out error count.
+
+The quickstart and the evidence runs (`mnist_search.py`, `mnist_unix.py`) compare students against one teacher,
+trained the same way in each: an MLP 784-512-512-10 with dropout 0.3, AdamW at lr 1e-3, 10 epochs, seed 0 (the
+teacher of METHODS.md's measurement).
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+from transformers import set_seed
+
+from hf_kdsearch import ClassificationTrainer, DistillationArguments
+from hf_kdsearch.data import TensorImageDataset, collate_tensor_batch
+
+
+def mnist_args(out: str, seed: int, epochs: float, **overrides) -> DistillationArguments:
+    """Trainer settings of a CPU run on the bundled digits: batch 64, linear decay, no weight decay, nothing saved."""
+    settings = dict(
+        output_dir=out,
+        seed=seed,
+        num_train_epochs=epochs,
+        per_device_train_batch_size=64,
+        per_device_eval_batch_size=500,
+        lr_scheduler_type="linear",
+        weight_decay=0.0,
+        logging_steps=50,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+    )
+    return DistillationArguments(**{**settings, **overrides})
+
+
+def train_teacher(
+    out: str,
+    train: TensorImageDataset,
+    hidden: list[int] | tuple[int, ...] = (512, 512),
+    epochs: float = 10,
+    **overrides,
+) -> torch.nn.Module:
+    """The shared teacher, trained with cross-entropy and returned in eval mode."""
+    set_seed(0)
+    teacher = timm.create_model("mnist_mlp", hidden_dims=list(hidden), drop_rate=0.3)
+    args = mnist_args(out, 0, epochs, optim="adamw_torch", learning_rate=1e-3, **overrides)
+    ClassificationTrainer(model=teacher, args=args, train_dataset=train, data_collator=collate_tensor_batch).train()
+    return teacher.eval()
+
+
+def held_out_errors(model: torch.nn.Module, dataset: TensorImageDataset) -> int:
+    """Misclassified held-out digits, with the model in eval mode."""
+    model.eval()
+    with torch.no_grad():
+        return int((model(dataset.images).argmax(-1) != dataset.labels).sum())
