@@ -551,3 +551,17 @@ def test_teacher_copy_is_independent(tmp_path, images32):
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=kd_args(tmp_path), train_dataset=images32)
     trainer.train()
     assert not torch.equal(student.fc.weight, teacher.fc.weight)
+
+
+@pytest.mark.slow
+def test_compiled_teacher_gives_the_eager_teacher_logits(tmp_path, images32):
+    teacher = cifar(seed=1).eval()
+    x = images32.images[:8]
+    with torch.no_grad():
+        eager = teacher(x)
+    trainer = DistillationTrainer(
+        model=cifar(seed=0), teacher_model=teacher, args=kd_args(tmp_path, teacher_compile=True), train_dataset=images32
+    )
+    torch.testing.assert_close(trainer.teacher_logits({"pixel_values": x}), eager, rtol=1e-4, atol=1e-4)
+    trainer.train()
+    assert trainer.state.global_step == 3
