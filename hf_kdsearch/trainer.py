@@ -173,8 +173,10 @@ class LossMetricsMixin:
             return {}
         names = sorted(store)
         device = self.accelerator.device
+        # float64 keeps sample counts exact past 2^24 (MPS has no float64).
+        dtype = torch.float32 if device.type == "mps" else torch.float64
         means = torch.stack(
-            [torch.stack([torch.as_tensor(v, device=device).float() for v in store[n]]).mean() for n in names]
+            [torch.stack([torch.as_tensor(v, device=device, dtype=dtype) for v in store[n]]).mean() for n in names]
         )
         if self.accelerator.num_processes > 1:
             means = self.accelerator.reduce(means, reduction="mean")
