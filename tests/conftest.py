@@ -9,6 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import hf_kdsearch  # noqa: E402,F401  (registers the model families)
+from hf_kdsearch import DistillationArguments  # noqa: E402
 from hf_kdsearch.data import TensorImageDataset  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -17,6 +18,26 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 def random_images(n: int, shape=(3, 32, 32), num_classes: int = 10, seed: int = 0) -> TensorImageDataset:
     g = torch.Generator().manual_seed(seed)
     return TensorImageDataset(torch.randn(n, *shape, generator=g), torch.randint(0, num_classes, (n,), generator=g))
+
+
+def tiny_args(tmp_path, **overrides) -> DistillationArguments:
+    """Settings of a few-step CPU run: SGD at a constant lr, nothing saved, nothing reported, logs every step."""
+    settings = dict(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+        seed=0,
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=16,
+        max_steps=3,
+        learning_rate=0.05,
+        optim="sgd",
+        lr_scheduler_type="constant",
+    )
+    return DistillationArguments(**{**settings, **overrides})
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import tiny_args
 
 from hf_kdsearch import DistillationArguments, DistillationCallback, DistillationTrainer
 from hf_kdsearch.data import TensorImageDataset
@@ -181,24 +182,15 @@ class RecordBatch(DistillationCallback):
 
 
 def fast_args(tmp_path, **overrides):
-    base = dict(
-        output_dir=str(tmp_path),
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
+    fast = dict(
         max_steps=2,
         per_device_train_batch_size=8,
         per_device_eval_batch_size=8,
-        learning_rate=0.05,
-        optim="sgd",
-        lr_scheduler_type="constant",
         remove_unused_columns=False,
         logging_nan_inf_filter=False,
         check_teacher_finite=False,
     )
-    return DistillationArguments(**{**base, **overrides})
+    return tiny_args(tmp_path, **{**fast, **overrides})
 
 
 def cifar_pair(seed=0):

@@ -6,7 +6,7 @@ import os
 import pytest
 import timm
 import torch
-from conftest import random_images
+from conftest import random_images, tiny_args
 from safetensors.torch import load_file
 from torch import nn
 from transformers import (
@@ -30,25 +30,7 @@ from hf_kdsearch import (
 )
 from hf_kdsearch.data import TensorImageDataset
 
-
-def kd_args(tmp_path, **overrides) -> DistillationArguments:
-    base = dict(
-        output_dir=str(tmp_path),
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        logging_steps=1,
-        seed=0,
-        per_device_train_batch_size=16,
-        per_device_eval_batch_size=16,
-        max_steps=3,
-        learning_rate=0.05,
-        optim="sgd",
-        lr_scheduler_type="constant",
-    )
-    base.update(overrides)
-    return DistillationArguments(**base)
+kd_args = tiny_args
 
 
 def cifar(name="cifar_resnet8", num_classes=10, seed=0, **kwargs):
