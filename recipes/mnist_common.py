@@ -7,10 +7,14 @@ teacher of METHODS.md's measurement).
 
 from __future__ import annotations
 
+import json
+import os
+
 import timm
 import torch
 from transformers import set_seed
 
+import hf_kdsearch
 from hf_kdsearch import ClassificationTrainer, DistillationArguments
 from hf_kdsearch.data import TensorImageDataset, collate_tensor_batch
 
@@ -53,3 +57,12 @@ def held_out_errors(model: torch.nn.Module, dataset: TensorImageDataset) -> int:
     model.eval()
     with torch.no_grad():
         return int((model(dataset.images).argmax(-1) != dataset.labels).sum())
+
+
+def write_results(output_dir: str, summary: dict) -> dict:
+    """Add the library versions to `summary`, write it to `<output_dir>/results.json`, and return it."""
+    summary = {**summary, "versions": {"hf_kdsearch": hf_kdsearch.__version__, "torch": torch.__version__}}
+    os.makedirs(output_dir, exist_ok=True)
+    with open(f"{output_dir}/results.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary

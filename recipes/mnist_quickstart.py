@@ -14,7 +14,6 @@ Then it prints held-out errors (2,000 digits) and parameter counts. Measured res
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -23,10 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import timm
 import torch
-from mnist_common import held_out_errors, mnist_args, train_teacher
+from mnist_common import held_out_errors, mnist_args, train_teacher, write_results
 from transformers import HfArgumentParser, set_seed
 
-import hf_kdsearch
 from hf_kdsearch import ClassificationTrainer, DistillationTrainer, load_mnist10k
 from hf_kdsearch.data import collate_tensor_batch
 
@@ -106,12 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
         "params": params,
         "seeds": q.seeds,
         "minutes": minutes,
-        "versions": {"hf_kdsearch": hf_kdsearch.__version__, "torch": torch.__version__},
     }
-    os.makedirs(q.output_dir, exist_ok=True)
-    with open(f"{q.output_dir}/results.json", "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
+    return write_results(q.output_dir, summary)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ No advantage for the searched student on this MLP; docs/search.md has the full t
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 import time
@@ -43,10 +42,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import timm
 import torch
-from mnist_common import held_out_errors, mnist_args, train_teacher
+from mnist_common import held_out_errors, mnist_args, train_teacher, write_results
 from transformers import HfArgumentParser, set_seed
 
-import hf_kdsearch
 from hf_kdsearch import (
     DistillationTrainer,
     GateSearchCallback,
@@ -225,12 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
         "args": vars(q),
         "minutes": minutes,
-        "versions": {"hf_kdsearch": hf_kdsearch.__version__, "torch": torch.__version__},
     }
-    os.makedirs(q.output_dir, exist_ok=True)
-    with open(f"{q.output_dir}/results.json", "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
+    return write_results(q.output_dir, summary)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,6 @@ Per-seed numbers are in docs/unix.md.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,11 +38,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import timm
 import torch
-from mnist_common import held_out_errors, mnist_args, train_teacher
+from mnist_common import held_out_errors, mnist_args, train_teacher, write_results
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, set_seed
 
-import hf_kdsearch
 from hf_kdsearch import (
     DistillationTrainer,
     UncertaintyMixupCallback,
@@ -147,12 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
         "results": results,
         "seeds": a.seeds,
         "minutes": minutes,
-        "versions": {"hf_kdsearch": hf_kdsearch.__version__, "torch": torch.__version__},
     }
-    os.makedirs(a.output_dir, exist_ok=True)
-    with open(f"{a.output_dir}/results.json", "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
+    return write_results(a.output_dir, summary)
 
 
 if __name__ == "__main__":
