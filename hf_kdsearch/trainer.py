@@ -148,7 +148,10 @@ class LossMetricsMixin:
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         # Architecture gates carry their own L1 penalty; weight decay on top would shrink them towards 0 twice.
-        return [n for n in super().get_decay_parameter_names(model) if "gate" not in n]
+        from .gates import gate_parameter_names  # local while flops.py (used by gates) imports this module
+
+        gates = gate_parameter_names(model)
+        return [n for n in super().get_decay_parameter_names(model) if n not in gates]
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

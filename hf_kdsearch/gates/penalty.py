@@ -1,0 +1,24 @@
+"""The FLOPs-weighted L1 penalty on the gates, and the soft kept fractions it is budgeted with: pure tensor maths."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def flops_weighted_l1(gates: Sequence[torch.Tensor], unit_costs: torch.Tensor) -> torch.Tensor:
+    """`sum_G c_G * sum_j |g_Gj|`: the FLOPs-weighted L1 norm of the gates, where every unit of group `G` costs `c_G`.
+
+    With `unit_costs` from `GatePlan.unit_costs()` (summing to 1 over units) it equals 1 at initialisation.
+    """
+    if len(gates) != unit_costs.numel():
+        raise ValueError(f"{len(gates)} gate tensors but {unit_costs.numel()} unit costs")
+    norms = torch.stack([g.float().abs().sum() for g in gates])
+    return (norms * unit_costs.to(norms.device, norms.dtype)).sum()
+
+
+def soft_keep_fractions(gates: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per group, the expected fraction of units kept: the mean of `min(|g|, 1)`, a unit counting in proportion to its
+    gate (1 at initialisation, 0 for a zero gate). For 0/1 gates it is the exact kept fraction."""
+    return torch.stack([g.detach().float().abs().clamp(max=1).mean() for g in gates])
