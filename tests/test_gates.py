@@ -5,10 +5,11 @@ import copy
 import pytest
 import timm
 import torch
+from conftest import random_images, tiny_args
 from torch import nn
 
 from hf_kdsearch import add_gates, count_flops, extract_student, flops_weighted_l1, gate_parameters
-from hf_kdsearch.gates import gate_plan, select_units, soft_keep_fractions
+from hf_kdsearch.gates import gate_parameter_names, gate_plan, select_units, soft_keep_fractions
 from hf_kdsearch.models.sliced_resnet import ShortcutBlock
 
 # name -> (create kwargs, input size, expected gate parameters)
@@ -262,3 +263,86 @@ def test_extracted_student_saves_and_reloads_with_timm_and_transformers(name, tm
         torch.testing.assert_close(by_timm(x), expected, rtol=0, atol=0)
         by_transformers = AutoModelForImageClassification.from_pretrained(folder).eval()
         torch.testing.assert_close(by_transformers(pixel_values=x).logits, expected, rtol=0, atol=0)
+
+
+def test_add_gates_accepts_the_transformers_wrapper_of_a_supported_model(tmp_path):
+    """`AutoModelForImageClassification` of a saved timm student is a `TimmWrapperForImageClassification`; the gates
+    go on its `timm_model`, and search and extraction work through the wrapper."""
+    from transformers import AutoModelForImageClassification
+
+    from hf_kdsearch import save_student
+
+    teacher = make_teacher("cifar_resnet8")
+    wrapper = AutoModelForImageClassification.from_pretrained(save_student(teacher, tmp_path / "t")).eval()
+    x = batch("cifar_resnet8")
+    with torch.no_grad():
+        before = wrapper(pixel_values=x).logits
+        assert add_gates(wrapper) is wrapper
+        torch.testing.assert_close(wrapper(pixel_values=x).logits, before, rtol=0, atol=0)
+    names = gate_parameter_names(wrapper)
+    assert len(names) == CASES["cifar_resnet8"][2] and all(n.startswith("timm_model.stages.") for n in names)
+    set_random_gates(wrapper)
+    student = extract_student(wrapper, threshold=0.0, input_size=CASES["cifar_resnet8"][1]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(student(x), wrapper(pixel_values=x).logits, rtol=1e-5, atol=1e-5)
+
+
+class GateProjMLP(nn.Module):
+    """An ungated model with a layer whose name merely contains "gate" (as in LLaMA-style MLPs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.fc = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, pixel_values):
+        return self.fc(torch.relu(self.gate_proj(pixel_values)))
+
+
+def test_weight_decay_skips_exactly_the_architecture_gates(tmp_path):
+    from hf_kdsearch import ClassificationTrainer
+
+    plain = ClassificationTrainer(model=GateProjMLP(), args=tiny_args(tmp_path, weight_decay=0.1))
+    assert "gate_proj.weight" in plain.get_decay_parameter_names(plain.model)
+    assert gate_parameter_names(GateProjMLP()) == set()
+
+    gated = add_gates(make_teacher("mnist_mlp"))
+    trainer = ClassificationTrainer(model=gated, args=tiny_args(tmp_path, weight_decay=0.1))
+    decayed = set(trainer.get_decay_parameter_names(gated))
+    gates = gate_parameter_names(gated)
+    assert gates == {"features.1.channel_gate", "features.4.channel_gate"}
+    assert not decayed & gates
+    # Everything else keeps the Trainer's own rule: weights decay, biases do not.
+    assert decayed == {n for n, _ in gated.named_parameters() if n.endswith("weight")}
+
+
+def _search_trainer(tmp_path, gated, teacher):
+    from hf_kdsearch import DistillationTrainer, GateSearchCallback
+
+    cb = GateSearchCallback(target_flops_ratio=0.5, l1_weight=5.0, input_size=(1, 28, 28))
+    args = tiny_args(tmp_path, max_steps=3, learning_rate=0.1, weight_decay=0.0)
+    data = random_images(48, (1, 28, 28))
+    return DistillationTrainer(model=gated, teacher_model=teacher, args=args, callbacks=[cb], train_dataset=data)
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("weights", ["trained", "frozen"])
+def test_search_moves_every_trainable_parameter_and_nothing_else(tmp_path, weights):
+    """PEFT-style: after a search, each parameter that requires grad changed and every other one is bit-identical,
+    the teacher's included. With frozen weights only the gates may move."""
+    teacher = make_teacher("mnist_mlp")
+    gated = add_gates(copy.deepcopy(teacher))
+    gates = gate_parameter_names(gated)
+    if weights == "frozen":
+        for name, p in gated.named_parameters():
+            p.requires_grad_(name in gates)
+    trainable = {n for n, p in gated.named_parameters() if p.requires_grad}
+    assert trainable == (gates if weights == "frozen" else set(_snapshot(gated)))
+    before, teacher_before = _snapshot(gated), _snapshot(teacher)
+    _search_trainer(tmp_path, gated, teacher).train()
+    after = _snapshot(gated)
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    assert moved == trainable
+    assert all(torch.equal(p, _snapshot(teacher)[n]) for n, p in teacher_before.items())

@@ -6,7 +6,7 @@ import torch
 
 from hf_kdsearch.models.cifar import CIFAR100_MEAN, CIFAR100_STD
 
-# METHODS.md, section 1: parameter counts at 100 classes with option-B shortcuts.
+# Parameter counts (docs/methods.md) at 100 classes with option-B shortcuts.
 PARAMS = {
     "cifar_resnet20": 278_324,
     "cifar_resnet56": 861_620,
@@ -97,3 +97,24 @@ def test_other_channel_counts_get_a_matching_pretrained_cfg():
     assert count_flops(model, model.pretrained_cfg["input_size"]) > 0
     mnist = timm.create_model("cifar_resnet8", in_chans=1, pretrained_cfg_overlay={"mean": (0.1307,), "std": (0.3081,)})
     assert mnist.pretrained_cfg["mean"] == (0.1307,) and mnist.pretrained_cfg["input_size"] == (1, 32, 32)
+
+
+@pytest.mark.parametrize("name", ["mnist_mlp", "cifar_resnet20"])
+def test_timm_logit_distillation_task_runs_on_our_students(name, tmp_path):
+    """timm's own distillation task reads `student.in_chans` to build a teacher by name; ours carry it."""
+    from safetensors.torch import save_file
+    from timm.task import LogitDistillationTask
+
+    in_chans = 1
+    student = timm.create_model(name, num_classes=10, in_chans=in_chans)
+    teacher = timm.create_model(name, num_classes=10, in_chans=in_chans).eval()
+    assert student.in_chans == teacher.in_chans == in_chans
+    save_file(teacher.state_dict(), str(tmp_path / "teacher.safetensors"))
+    task = LogitDistillationTask(
+        student, name, teacher_pretrained_path=str(tmp_path / "teacher.safetensors"), temperature=4.0, verbose=False
+    )
+    assert task.teacher.model.in_chans == in_chans
+    x, y = torch.randn(4, in_chans, 28, 28), torch.randint(0, 10, (4,))
+    torch.testing.assert_close(task.teacher(x), teacher(x))  # the teacher was built with in_chans and the file
+    out = task(x, y)
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"]) and out["kd_loss"] > 0

@@ -13,8 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from timm.models import build_model_with_cfg, register_model
-from timm.models._registry import generate_default_cfgs
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -108,6 +107,7 @@ class CifarResNet(nn.Module):
         # The arguments that rebuild this exact shape; hub.save_student writes them into the config.
         self.model_args = _model_args(layers, stem_width, stage_widths, block_widths, removed, in_chans)
         self.num_classes = num_classes
+        self.in_chans = int(in_chans)
         self.drop_rate = drop_rate
         self.conv1 = nn.Conv2d(in_chans, stem_width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_width)
@@ -197,6 +197,7 @@ class CifarWideResNet(nn.Module):
         removed = _normalise_removed(removed_blocks)
         self.model_args = _model_args(layers, stem_width, stage_widths, block_widths, removed, in_chans)
         self.num_classes = num_classes
+        self.in_chans = int(in_chans)
         self.drop_rate = drop_rate
         self.conv1 = nn.Conv2d(in_chans, stem_width, 3, 1, 1, bias=False)
         stages, in_chs = [], stem_width

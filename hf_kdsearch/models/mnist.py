@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from timm.models import build_model_with_cfg, register_model
-from timm.models._registry import generate_default_cfgs
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
 MNIST_MEAN = (0.1307,)
@@ -36,6 +35,7 @@ class MLP(nn.Module):
         if not hidden_dims or any(int(h) < 1 for h in hidden_dims):
             raise ValueError(f"MLP: hidden_dims must be a non-empty list of positive widths, got {hidden_dims}")
         self.num_classes = num_classes
+        self.in_chans = int(in_chans)
         # The arguments that rebuild this exact shape; hub.save_student writes them into the config.
         self.model_args = {"hidden_dims": [int(h) for h in hidden_dims], "in_chans": in_chans, "img_size": img_size}
         layers, width = [], in_chans * img_size * img_size
@@ -82,6 +82,7 @@ class SmallCNN(nn.Module):
         if not widths or any(int(w) < 1 for w in widths):
             raise ValueError(f"SmallCNN: widths must be a non-empty list of positive widths, got {widths}")
         self.num_classes = num_classes
+        self.in_chans = int(in_chans)
         self.drop_rate = drop_rate
         self.model_args = {"widths": [int(w) for w in widths], "pool_every": pool_every, "in_chans": in_chans}
         layers, chs = [], in_chans

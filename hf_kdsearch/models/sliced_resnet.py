@@ -15,8 +15,7 @@ from collections.abc import Sequence
 
 import timm
 import torch
-from timm.models import build_model_with_cfg, register_model
-from timm.models._registry import generate_default_cfgs
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
