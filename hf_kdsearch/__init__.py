@@ -8,10 +8,10 @@ __version__ = "0.1.0"
 
 from .config import DistillationArguments
 from .data import DatasetLoadError, TensorImageDataset, load_image_dataset, load_mnist10k, to_uint8_tensors
-from .ensemble import OnlineEnsemble, OnlineEnsembleTrainer, build_ensemble
+from .ensemble import OnlineEnsemble, OnlineEnsembleArguments, OnlineEnsembleTrainer, build_ensemble
 from .fastpath import DeviceAugment, DeviceImageDataset, normalize_images, random_crop_flip
 from .flops import count_flops
-from .gates import add_gates, extract_student, flops_weighted_l1, gate_parameters
+from .gates import add_gates, extract_student, flops_weighted_l1, gate_parameter_names, gate_parameters
 from .hub import HubUnavailableError, load_student, push_student, save_student
 from .losses import feature_mse, kd_loss, mixed_cross_entropy, soft_target_cross_entropy
 from .metrics import TopKAccuracy, load_topk_accuracy
@@ -56,6 +56,7 @@ __all__ = [
     "feature_mse",
     "flops_weighted_l1",
     "forward_model",
+    "gate_parameter_names",
     "gate_parameters",
     "GateSearchCallback",
     "HubUnavailableError",
@@ -71,6 +72,7 @@ __all__ = [
     "normalize_images",
     "num_selected",
     "OnlineEnsemble",
+    "OnlineEnsembleArguments",
     "OnlineEnsembleTrainer",
     "plot_widths",
     "push_student",

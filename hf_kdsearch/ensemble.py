@@ -20,6 +20,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import numpy as np
 import timm
 import torch
 from torch import nn
-from transformers import EvalPrediction, Trainer
+from transformers import EvalPrediction, Trainer, TrainingArguments
 
 from .config import DistillationArguments
 from .hub import save_student
@@ -37,6 +38,7 @@ from .trainer import LossMetricsMixin
 
 __all__ = [
     "OnlineEnsemble",
+    "OnlineEnsembleArguments",
     "OnlineEnsembleTrainer",
     "build_ensemble",
     "student_widths",
@@ -70,6 +72,16 @@ def student_widths(stage_widths: Sequence[int], num_students: int) -> list[list[
     return widths
 
 
+def _adapter(in_chs: int, out_chs: int, bias: bool) -> nn.Conv2d:
+    """A 1x1 conv from a narrow student's stage width to student 0's, initialised as in the authors' released code:
+    xavier-normal weights, zero bias."""
+    conv = nn.Conv2d(in_chs, out_chs, 1, bias=bias)
+    nn.init.xavier_normal_(conv.weight)
+    if bias:
+        nn.init.zeros_(conv.bias)
+    return conv
+
+
 def _run_stages(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run a CIFAR model's stages on the stem's output; return the head's input and each stage's output."""
     stage_outputs = []
@@ -97,7 +109,8 @@ class OnlineEnsemble(nn.Module):
         arch: the timm name of the architecture.
         widths: per-student stage widths, `widths[j]` for student j.
         students: `nn.ModuleList` of the students; student 0 owns the shared stem.
-        adapters: `nn.ModuleList` with one `nn.ModuleList` of per-stage 1x1 convs for each student 1..S-1. They serve
+        adapters: `nn.ModuleList` with one `nn.ModuleList` of per-stage 1x1 convs for each student 1..S-1, with a
+            bias (unless `adapter_bias=False`) and xavier-normal weights, as in the authors' released code. They serve
             training only: exported students do not contain them.
     """
 
@@ -107,6 +120,7 @@ class OnlineEnsemble(nn.Module):
         num_students: int = 5,
         num_classes: int = 100,
         in_chans: int = 3,
+        adapter_bias: bool = True,
         **model_kwargs: Any,
     ):
         super().__init__()
@@ -133,7 +147,7 @@ class OnlineEnsemble(nn.Module):
                 delattr(student, name)
         self.adapters = nn.ModuleList(
             [
-                nn.ModuleList([nn.Conv2d(w, w0, 1, bias=False) for w, w0 in zip(widths, self.widths[0])])
+                nn.ModuleList([_adapter(w, w0, adapter_bias) for w, w0 in zip(widths, self.widths[0])])
                 for widths in self.widths[1:]
             ]
         )
@@ -246,6 +260,7 @@ def build_ensemble(
     num_students: int = 5,
     num_classes: int = 100,
     in_chans: int = 3,
+    adapter_bias: bool = True,
     **model_kwargs: Any,
 ) -> OnlineEnsemble:
     """Build an online ensemble of `num_students` students of the CIFAR architecture `arch` (Walawalkar et al. 2020,
@@ -260,6 +275,8 @@ def build_ensemble(
         num_students: S >= 2.
         num_classes: classifier size of every student.
         in_chans: input channels (1 for MNIST digits; the models pool globally, so 28x28 inputs work).
+        adapter_bias: give the feature loss's 1x1 adapters a bias (the authors' code does). `False` builds the
+            bias-free adapters of hf_kdsearch 0.1, e.g. to load one of its checkpoints.
         **model_kwargs: passed to `timm.create_model` for every student, e.g. `drop_rate`,
             `pretrained_cfg_overlay`, or `stage_widths` to set the full width C.
 
@@ -270,7 +287,14 @@ def build_ensemble(
     student = ens.export_student(4)    # the smallest student, a standalone timm model
     ```
     """
-    return OnlineEnsemble(arch, num_students=num_students, num_classes=num_classes, in_chans=in_chans, **model_kwargs)
+    return OnlineEnsemble(
+        arch,
+        num_students=num_students,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        adapter_bias=adapter_bias,
+        **model_kwargs,
+    )
 
 
 def ensemble_loss_terms(
@@ -327,10 +351,88 @@ def ensemble_accuracy(eval_pred: EvalPrediction) -> dict[str, float]:
     return metrics
 
 
-def _check_weight(name: str, value: float) -> float:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {name}={value!r}")
-    return float(value)
+# ---- configuration -------------------------------------------------------------------------------------------------
+# The single-teacher KD settings of DistillationArguments: the ensemble has no teacher and its own T and weights.
+_KD_ONLY = ("temperature", "alpha", "teacher_dtype", "teacher_compile")
+_KD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DistillationArguments) if f.name in _KD_ONLY}
+
+
+def _check_number(name: str, value: Any, *, positive: bool = False) -> None:
+    ok = isinstance(value, int | float) and math.isfinite(value) and (value > 0 if positive else value >= 0)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {name}={value!r}")
+
+
+@dataclass
+class OnlineEnsembleArguments(DistillationArguments):
+    """`TrainingArguments` plus the online ensemble's settings, for `OnlineEnsembleTrainer`.
+
+    The loss is `ce_weight * sum_j CE(z_j, y) + feature_weight * L_int + kd_weight * L_KD` at temperature T
+    (Walawalkar et al. 2020, https://arxiv.org/abs/2011.07449); the defaults are the paper's. The adapter settings
+    follow the authors' released code. It extends `DistillationArguments` for its GPU data path (`device_augment`,
+    `channels_last`, `image_mean`/`image_std`); the single-teacher settings (`alpha`, `teacher_dtype`,
+    `teacher_compile`) have no meaning here and are refused.
+    """
+
+    temperature: float = field(
+        default=2.0, metadata={"help": "Softmax temperature T of the KD term from the students' mean; must be > 0."}
+    )
+    ce_weight: float = field(default=0.7, metadata={"help": "Weight of the summed cross-entropy of every student."})
+    feature_weight: float = field(
+        default=0.15,
+        metadata={"help": "Weight of L_int, the MSE between adapted narrow-student stage outputs and student 0's."},
+    )
+    kd_weight: float = field(
+        default=0.15, metadata={"help": "Weight of L_KD, every student distilled from the students' detached mean."}
+    )
+    adapter_lr_scale: float = field(
+        default=0.5,
+        metadata={"help": "The 1x1 adapters' learning rate as a fraction of learning_rate (authors' code: 0.5)."},
+    )
+    adapter_freeze_epochs: float = field(
+        default=1.0,
+        metadata={
+            "help": "The adapters are not updated before this epoch (1: not in the first epoch, as in the authors' "
+            "code; 0: from the start). The feature loss still trains the students through them."
+        },
+    )
+
+    def __post_init__(self):
+        for name in ("ce_weight", "feature_weight", "kd_weight", "adapter_lr_scale", "adapter_freeze_epochs"):
+            _check_number(name, getattr(self, name))
+        _check_number("temperature", self.temperature, positive=True)
+        changed = [n for n in _KD_ONLY if n != "temperature" and getattr(self, n) != _KD_DEFAULTS[n]]
+        if changed:
+            raise ValueError(
+                f"{', '.join(f'{n}={getattr(self, n)!r}' for n in changed)}: single-teacher KD settings, unused by the "
+                "online ensemble (no teacher); set ce_weight, feature_weight, kd_weight and temperature instead"
+            )
+        super().__post_init__()
+
+
+def ensemble_arguments(args: TrainingArguments | None, **overrides: Any) -> OnlineEnsembleArguments:
+    """`args` as `OnlineEnsembleArguments`: returned as is, or converted once, with `overrides` applied.
+
+    Plain `TrainingArguments` keep every field and get the ensemble's defaults. `DistillationArguments` keep their
+    data-path fields too; their single-teacher KD settings do not carry over (the ensemble's T is 2, not KD's 4), and a
+    warning names those that were changed, since they have no effect.
+    """
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if isinstance(args, OnlineEnsembleArguments) and not overrides:
+        return args
+    if args is None:
+        return OnlineEnsembleArguments(output_dir="trainer_output", **overrides)
+    values = args.to_dict()
+    values["hub_token"] = args.hub_token  # to_dict masks tokens
+    if not isinstance(args, OnlineEnsembleArguments):
+        ignored = [n for n in _KD_ONLY if n in values and values.pop(n) != _KD_DEFAULTS[n]]
+        if ignored:
+            logger.warning(
+                "OnlineEnsembleTrainer ignores args.%s (single-teacher KD settings); use OnlineEnsembleArguments "
+                "(temperature, ce_weight, feature_weight, kd_weight) instead",
+                "/".join(ignored),
+            )
+    return OnlineEnsembleArguments(**{**values, **overrides})
 
 
 class OnlineEnsembleTrainer(LossMetricsMixin, Trainer):
@@ -343,9 +445,14 @@ class OnlineEnsembleTrainer(LossMetricsMixin, Trainer):
     widest student's (detached) ones, and every student is distilled at temperature T from the detached mean of all
     students' logits. No pretrained teacher is needed. The defaults are the paper's: 0.7, 0.15, 0.15 and T = 2.
 
-    The weights and T are keyword arguments of the trainer. `args` may be `DistillationArguments` or plain
-    `TrainingArguments`; its `temperature` and `alpha` (the single-teacher KD settings) are not used, and a warning
-    says so when they were changed from their defaults.
+    Settings come from `OnlineEnsembleArguments`. Other `TrainingArguments` (`DistillationArguments` included) are
+    converted once by `ensemble_arguments`, with the ensemble's defaults; `self.args` is then the converted copy. The
+    keyword arguments `ce_weight`, `feature_weight`, `kd_weight` and `temperature` of earlier versions still work and
+    override the arguments' values.
+
+    As in the authors' code, the adapters train at `adapter_lr_scale` times the learning rate (their own optimizer
+    parameter groups, so every scheduler keeps the ratio) and are not updated before epoch `adapter_freeze_epochs`:
+    their gradients are dropped after each backward, before clipping, so the optimizer skips them entirely.
 
     Logged, in training and evaluation: `loss_ce`, `loss_int`, `loss_kd` (weighted, they sum to the loss) and
     `ce_student{j}` (unweighted). Evaluation also reports `eval_acc_student{j}` and `eval_acc_ensemble` through the
@@ -355,7 +462,7 @@ class OnlineEnsembleTrainer(LossMetricsMixin, Trainer):
     Example:
     ```python
     ens = build_ensemble("cifar_resnet110", num_students=5, num_classes=100)
-    args = DistillationArguments(output_dir="out", optim="sgd", optim_args="momentum=0.9,nesterov=True")
+    args = OnlineEnsembleArguments(output_dir="out", optim="adamw_torch", learning_rate=1e-3, weight_decay=1e-5)
     trainer = OnlineEnsembleTrainer(model=ens, args=args, train_dataset=train, eval_dataset=test)
     trainer.train()
     trainer.evaluate()                 # eval_acc_student0..4, eval_acc_ensemble
@@ -365,43 +472,71 @@ class OnlineEnsembleTrainer(LossMetricsMixin, Trainer):
 
     def __init__(
         self,
-        *args: Any,
-        ce_weight: float = 0.7,
-        feature_weight: float = 0.15,
-        kd_weight: float = 0.15,
-        temperature: float = 2.0,
+        model: OnlineEnsemble | None = None,
+        args: TrainingArguments | None = None,
+        *trainer_args: Any,
+        ce_weight: float | None = None,
+        feature_weight: float | None = None,
+        kd_weight: float | None = None,
+        temperature: float | None = None,
         **kwargs: Any,
     ):
-        self.ce_weight = _check_weight("ce_weight", ce_weight)
-        self.feature_weight = _check_weight("feature_weight", feature_weight)
-        self.kd_weight = _check_weight("kd_weight", kd_weight)
-        if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be a finite number > 0, got temperature={temperature!r}")
-        self.temperature = float(temperature)
+        args = ensemble_arguments(
+            args, ce_weight=ce_weight, feature_weight=feature_weight, kd_weight=kd_weight, temperature=temperature
+        )
         if kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = ensemble_accuracy
-        super().__init__(*args, **kwargs)
+        super().__init__(model, args, *trainer_args, **kwargs)
         if not isinstance(self.model, OnlineEnsemble):
             raise TypeError(
                 f"OnlineEnsembleTrainer trains an OnlineEnsemble (from build_ensemble), got {type(self.model).__name__}"
             )
-        self._warn_unused_args()
 
-    def _warn_unused_args(self) -> None:
-        if not isinstance(self.args, DistillationArguments):
-            return
-        defaults = {f.name: f.default for f in dataclasses.fields(DistillationArguments)}
-        changed = [n for n in ("temperature", "alpha") if getattr(self.args, n) != defaults[n]]
-        if changed:
-            logger.warning(
-                "OnlineEnsembleTrainer ignores args.%s; set temperature= and ce_weight/feature_weight/kd_weight= on "
-                "the trainer instead (now T=%g, weights %g/%g/%g)",
-                "/".join(changed),
-                self.temperature,
-                self.ce_weight,
-                self.feature_weight,
-                self.kd_weight,
-            )
+    @property
+    def ce_weight(self) -> float:
+        return float(self.args.ce_weight)
+
+    @property
+    def feature_weight(self) -> float:
+        return float(self.args.feature_weight)
+
+    @property
+    def kd_weight(self) -> float:
+        return float(self.args.kd_weight)
+
+    @property
+    def temperature(self) -> float:
+        return float(self.args.temperature)
+
+    def _adapter_parameters(self) -> list[nn.Parameter]:
+        return list(self.model.adapters.parameters())
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with the adapters moved to parameter groups at `adapter_lr_scale` times the lr."""
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        scale = self.args.adapter_lr_scale
+        if not fresh or scale == 1.0:
+            return optimizer
+        adapters = {id(p) for p in self._adapter_parameters()}
+        for group in list(optimizer.param_groups):
+            moved = [p for p in group["params"] if id(p) in adapters]
+            if not moved:
+                continue
+            # Before the first step no optimizer state exists, so parameters can change groups freely.
+            group["params"] = [p for p in group["params"] if id(p) not in adapters]
+            optimizer.add_param_group({**group, "params": moved, "lr": group["lr"] * scale})
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+        return optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if (self.state.epoch or 0.0) < self.args.adapter_freeze_epochs:
+            # Dropped after the backward (and its DDP all-reduce) and before clipping: the optimizer skips a
+            # parameter without a gradient, so the adapters stay exactly as they are, momentum and decay included.
+            for p in self._adapter_parameters():
+                p.grad = None
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")

@@ -7,6 +7,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
 
 import hf_kdsearch  # noqa: E402,F401  (registers the model families)
 from hf_kdsearch import DistillationArguments  # noqa: E402
@@ -20,8 +21,11 @@ def random_images(n: int, shape=(3, 32, 32), num_classes: int = 10, seed: int = 
     return TensorImageDataset(torch.randn(n, *shape, generator=g), torch.randint(0, num_classes, (n,), generator=g))
 
 
-def tiny_args(tmp_path, **overrides) -> DistillationArguments:
-    """Settings of a few-step CPU run: SGD at a constant lr, nothing saved, nothing reported, logs every step."""
+def tiny_args(tmp_path, cls: type[TrainingArguments] = DistillationArguments, **overrides) -> TrainingArguments:
+    """Settings of a few-step CPU run: SGD at a constant lr, nothing saved, nothing reported, logs every step.
+
+    `cls` picks the arguments class (`DistillationArguments`, `OnlineEnsembleArguments`, plain `TrainingArguments`).
+    """
     settings = dict(
         output_dir=str(tmp_path),
         report_to="none",
@@ -37,7 +41,7 @@ def tiny_args(tmp_path, **overrides) -> DistillationArguments:
         optim="sgd",
         lr_scheduler_type="constant",
     )
-    return DistillationArguments(**{**settings, **overrides})
+    return cls(**{**settings, **overrides})
 
 
 @pytest.fixture

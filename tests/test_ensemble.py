@@ -6,11 +6,18 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import random_images
+from conftest import random_images, tiny_args
 from safetensors.torch import load_file
-from transformers import EvalPrediction, TrainingArguments
+from transformers import EvalPrediction, TrainerCallback, TrainingArguments
 
-from hf_kdsearch import DistillationArguments, OnlineEnsemble, OnlineEnsembleTrainer, build_ensemble, save_student
+from hf_kdsearch import (
+    DistillationArguments,
+    OnlineEnsemble,
+    OnlineEnsembleArguments,
+    OnlineEnsembleTrainer,
+    build_ensemble,
+    save_student,
+)
 from hf_kdsearch.data import collate_tensor_batch
 from hf_kdsearch.ensemble import ensemble_accuracy, ensemble_loss_terms, student_widths
 from hf_kdsearch.losses import kd_loss
@@ -27,23 +34,8 @@ def num_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def args(tmp_path, **overrides) -> DistillationArguments:
-    base = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=16,
-        per_device_eval_batch_size=32,
-        learning_rate=0.05,
-        optim="sgd",
-        optim_args="momentum=0.9,nesterov=True",
-        max_steps=3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
-    return DistillationArguments(**{**base, **overrides})
+def args(tmp_path, **overrides) -> OnlineEnsembleArguments:
+    return tiny_args(tmp_path, OnlineEnsembleArguments, **{"optim_args": "momentum=0.9,nesterov=True", **overrides})
 
 
 # ---- structure -------------------------------------------------------------------------------------------------------
@@ -207,7 +199,7 @@ def test_trainer_trains_every_student_and_adapter_and_logs_components(tmp_path):
     before = copy.deepcopy(ens.state_dict())
     data = random_images(48, shape=(1, 12, 12))
     trainer = OnlineEnsembleTrainer(
-        model=ens, args=args(tmp_path), train_dataset=data, data_collator=collate_tensor_batch
+        model=ens, args=args(tmp_path, adapter_freeze_epochs=0), train_dataset=data, data_collator=collate_tensor_batch
     )
     assert (trainer.ce_weight, trainer.feature_weight, trainer.kd_weight, trainer.temperature) == (0.7, 0.15, 0.15, 2)
     trainer.train()
@@ -278,18 +270,13 @@ def test_checkpoint_holds_students_and_adapters_and_reloads(tmp_path):
     torch.testing.assert_close(fresh.eval()(pixel_values=x)["logits"], ens.eval()(pixel_values=x)["logits"])
 
 
-def test_trainer_rejects_bad_settings(tmp_path, caplog):
+def test_trainer_rejects_bad_settings(tmp_path):
     with pytest.raises(ValueError, match="kd_weight=-1"):
         OnlineEnsembleTrainer(model=tiny_ensemble(), args=args(tmp_path), kd_weight=-1)
     with pytest.raises(ValueError, match="temperature=0"):
         OnlineEnsembleTrainer(model=tiny_ensemble(), args=args(tmp_path), temperature=0)
     with pytest.raises(TypeError, match="got CifarResNet"):
         OnlineEnsembleTrainer(model=timm.create_model("cifar_resnet8"), args=args(tmp_path))
-    # Plain TrainingArguments work; DistillationArguments' own temperature is reported as unused.
-    OnlineEnsembleTrainer(model=tiny_ensemble(), args=TrainingArguments(str(tmp_path), use_cpu=True, report_to="none"))
-    with caplog.at_level("WARNING", logger="hf_kdsearch.ensemble"):
-        OnlineEnsembleTrainer(model=tiny_ensemble(), args=args(tmp_path, temperature=3.0))
-    assert "ignores args.temperature" in caplog.text
 
 
 # ---- saving ----------------------------------------------------------------------------------------------------------
@@ -327,3 +314,96 @@ def test_save_students_needs_a_config_that_matches_the_input_channels(tmp_path):
     bad = tiny_ensemble(pretrained_cfg_overlay={"input_size": (3, 32, 32)})
     with pytest.raises(ValueError, match=r"1 input channels but their pretrained_cfg says input_size=\(3, 32, 32\)"):
         bad.save_students(tmp_path / "bad")
+
+
+# ---- arguments and adapters (the authors' released code) -------------------------------------------------------------
+
+
+def test_arguments_check_their_values_and_refuse_single_teacher_settings(tmp_path):
+    defaults = OnlineEnsembleArguments(str(tmp_path), use_cpu=True, report_to="none")
+    assert (defaults.ce_weight, defaults.feature_weight, defaults.kd_weight, defaults.temperature) == (
+        0.7,
+        0.15,
+        0.15,
+        2,
+    )
+    assert (defaults.adapter_lr_scale, defaults.adapter_freeze_epochs) == (0.5, 1.0)
+    for bad, match in [
+        ({"feature_weight": -0.1}, "feature_weight=-0.1"),
+        ({"temperature": 0.0}, "temperature=0.0"),
+        ({"adapter_lr_scale": float("nan")}, "adapter_lr_scale=nan"),
+        ({"alpha": 0.5}, "alpha=0.5: single-teacher"),
+        ({"teacher_compile": True}, "teacher_compile=True"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            OnlineEnsembleArguments(str(tmp_path), use_cpu=True, report_to="none", **bad)
+
+
+def test_other_arguments_are_upcast_once_keeping_their_fields(tmp_path, caplog):
+    plain = tiny_args(tmp_path, TrainingArguments, learning_rate=0.01, seed=7)
+    trainer = OnlineEnsembleTrainer(model=tiny_ensemble(), args=plain)
+    assert type(trainer.args) is OnlineEnsembleArguments and trainer.args is not plain
+    assert (trainer.args.learning_rate, trainer.args.seed, trainer.args.output_dir) == (0.01, 7, str(tmp_path))
+    assert (trainer.temperature, trainer.ce_weight) == (2.0, 0.7)
+    # DistillationArguments keep their data-path fields; their KD temperature (4) is not the ensemble's (2).
+    kd_args = tiny_args(tmp_path, DistillationArguments, temperature=3.0, image_mean=[0.5], image_std=[0.25])
+    with caplog.at_level("WARNING", logger="hf_kdsearch.ensemble"):
+        trainer = OnlineEnsembleTrainer(model=tiny_ensemble(), args=kd_args)
+    assert "ignores args.temperature" in caplog.text
+    assert trainer.temperature == 2.0 and trainer.args.image_std == [0.25]
+    # The trainer keywords of earlier versions still work and win over the arguments.
+    ens_args = args(tmp_path, kd_weight=0.3)
+    trainer = OnlineEnsembleTrainer(model=tiny_ensemble(), args=ens_args, kd_weight=0.2, temperature=3.0)
+    assert (trainer.kd_weight, trainer.temperature, ens_args.kd_weight) == (0.2, 3.0, 0.3)
+    assert OnlineEnsembleTrainer(model=tiny_ensemble(), args=ens_args).args is ens_args
+
+
+def test_adapters_have_a_zero_bias_and_xavier_normal_weights():
+    ens = tiny_ensemble()
+    convs = [conv for per_student in ens.adapters for conv in per_student]
+    assert len(convs) == 2 * 3 and all(torch.equal(c.bias, torch.zeros_like(c.bias)) for c in convs)
+    widest = max(convs, key=lambda c: c.weight.numel())  # 16 -> 24 channels: 384 weights
+    fan_in, fan_out = widest.in_channels, widest.out_channels
+    assert widest.weight.std().item() == pytest.approx((2 / (fan_in + fan_out)) ** 0.5, rel=0.15)
+    assert all(c.bias is None for per in tiny_ensemble(adapter_bias=False).adapters for c in per)
+
+
+def test_adapters_train_at_half_the_learning_rate_in_their_own_groups(tmp_path):
+    trainer = OnlineEnsembleTrainer(model=tiny_ensemble(), args=args(tmp_path, learning_rate=0.08, weight_decay=0.01))
+    optimizer = trainer.create_optimizer()
+    adapters = {id(p) for p in trainer.model.adapters.parameters()}
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert len(lr_of) == len(list(trainer.model.parameters()))  # every parameter in exactly one group
+    assert {lr_of[i] for i in adapters} == {0.04}
+    assert {lr for i, lr in lr_of.items() if i not in adapters} == {0.08}
+    # The Trainer's weight-decay split survives: adapter weights decay, adapter biases do not.
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert {decay[id(c.weight)] for per in trainer.model.adapters for c in per} == {0.01}
+    assert {decay[id(c.bias)] for per in trainer.model.adapters for c in per} == {0.0}
+
+
+class AdapterSnapshots(TrainerCallback):
+    def __init__(self, ens):
+        self.ens, self.states = ens, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.states.append({n: p.detach().clone() for n, p in self.ens.named_parameters()})
+
+
+def test_adapters_are_not_updated_in_the_first_epoch(tmp_path):
+    ens = tiny_ensemble()
+    before = {n: p.detach().clone() for n, p in ens.named_parameters()}
+    snaps = AdapterSnapshots(ens)
+    data = random_images(48, shape=(1, 12, 12))  # 3 steps of 16 per epoch
+    trainer = OnlineEnsembleTrainer(
+        model=ens, args=args(tmp_path, max_steps=4), train_dataset=data, data_collator=collate_tensor_batch
+    )
+    trainer.add_callback(snaps)
+    trainer.train()
+    first_epoch, second_epoch = snaps.states[2], snaps.states[3]
+    for name in before:
+        if name.startswith("adapters."):
+            assert torch.equal(first_epoch[name], before[name]), f"{name} moved in the first epoch"
+            assert not torch.equal(second_epoch[name], before[name]), f"{name} did not move in the second epoch"
+        else:
+            assert not torch.equal(first_epoch[name], before[name]), f"{name} was not trained"
