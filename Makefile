@@ -9,7 +9,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup quickstart test test-slow lint format bench clean
+.PHONY: setup quickstart test test-slow test-multiprocess lint format bench clean
 
 setup: $(VENV)/.installed
 
@@ -34,8 +34,12 @@ format: setup
 test: lint
 	$(PY) -m pytest -q -ra --durations=15
 
+# The slow and the 2-process (DDP) tests; the default tier leaves both out.
 test-slow: setup
-	$(PY) -m pytest -q -ra -m slow
+	$(PY) -m pytest -q -ra -m "slow or multiprocess"
+
+test-multiprocess: setup
+	$(PY) -m pytest -q -ra -m multiprocess
 
 bench: setup
 	$(PY) benchmarks/throughput.py --smoke
