@@ -55,7 +55,7 @@ from hf_kdsearch import (
     save_student,
 )
 from hf_kdsearch.data import collate_tensor_batch
-from hf_kdsearch.gates import GateSelection, build_student, gate_plan
+from hf_kdsearch.gates import GateSelection, build_student, gate_parameter_names, gate_plan
 
 INPUT = (1, 28, 28)
 
@@ -102,6 +102,83 @@ def magnitude_thinned(teacher: torch.nn.Module, h: int) -> torch.nn.Module:
     return build_student(probe, GateSelection(kept, {}, float("nan")))
 
 
+def search(teacher, q: SearchRecipeArguments, seed: int, kd: dict, common: dict):
+    """Gate the teacher's copy, search under the budget, extract. Returns the callback and the extracted student."""
+    set_seed(seed)
+    gated = add_gates(copy.deepcopy(teacher))
+    gates = gate_parameter_names(gated)
+    for name, p in gated.named_parameters():
+        p.requires_grad_(q.search_weights == "trained" or name in gates)
+    cb = GateSearchCallback(
+        target_flops_ratio=q.target_flops_ratio, l1_weight=q.l1_weight, l1_growth=q.l1_growth, input_size=INPUT
+    )
+    sargs = mnist_args(
+        f"{q.output_dir}/search-{seed}", seed, q.search_epochs, learning_rate=q.search_lr, disable_tqdm=True, **kd
+    )
+    DistillationTrainer(model=gated, teacher_model=teacher, args=sargs, callbacks=[cb], **common).train()
+    return cb, extract_student(gated, target_flops_ratio=q.target_flops_ratio, input_size=INPUT)
+
+
+def distil(teacher, student, q: SearchRecipeArguments, name: str, seed: int, kd: dict, common: dict, held_out) -> dict:
+    """Distil `student` from the teacher; its row of the results."""
+    student.train()
+    args = mnist_args(
+        f"{q.output_dir}/{name}-{seed}", seed, q.student_epochs, learning_rate=q.lr, disable_tqdm=True, **kd
+    )
+    DistillationTrainer(model=student, teacher_model=teacher, args=args, **common).train()
+    return {
+        "seed": seed,
+        "widths": student.model_args["hidden_dims"],
+        "errors": held_out_errors(student, held_out),
+        "flops": count_flops(student, INPUT),
+        "params": n_params(student),
+    }
+
+
+def save_searched(student, cb, q: SearchRecipeArguments, row: dict, n_held: int, argv) -> None:
+    accuracy = round(100 * (1 - row["errors"] / n_held), 2)
+    folder = save_student(
+        student.eval(),
+        f"{q.output_dir}/searched-student-{row['seed']}",
+        card=cb.card(
+            teacher="mnist_mlp " + "-".join(map(str, [784, *q.teacher_hidden, 10])),
+            dataset="bundled MNIST-10k (8,000 train / 2,000 held out)",
+            metrics={"accuracy": accuracy, "held_out_errors": row["errors"]},
+            command="OMP_NUM_THREADS=1 python recipes/mnist_search.py " + " ".join(argv or []),
+            notes=f"Searched, extracted, then distilled ({row['run']} weights), seed {row['seed']}.",
+        ),
+        files=cb.report_files,
+    )
+    print(f"  saved the distilled searched student to {folder}")
+
+
+def print_table(rows: list[dict], q: SearchRecipeArguments, t_flops: int, n_held: int) -> None:
+    print(
+        f"{'run':<10} {'student':<9} {'seed':>5}  {'widths':<9} {'errors':>12} {'accuracy %':>14} {'FLOPs':>9} "
+        f"{'ratio':>6} {'params':>8}"
+    )
+    sd = lambda a: a.std(ddof=1) if len(a) > 1 else 0.0
+    for run in q.runs:
+        for kind in ("searched", "uniform"):
+            rs = [r for r in rows if r["run"] == run and r["student"] == kind]
+            for r in rs:
+                print(
+                    f"{run:<10} {kind:<9} {r['seed']:>5}  {'-'.join(map(str, r['widths'])):<9} {r['errors']:>12} "
+                    f"{100 * (1 - r['errors'] / n_held):>14.2f} {r['flops']:>9,} {r['flops'] / t_flops:>6.3f} "
+                    f"{r['params']:>8,}"
+                )
+            errs = np.array([r["errors"] for r in rs], dtype=float)
+            acc = 100 * (1 - errs / n_held)
+            flops, params = np.mean([r["flops"] for r in rs]), np.mean([r["params"] for r in rs])
+            print(
+                f"{run:<10} {kind:<9} {'mean':>5}  {'':<9} {f'{errs.mean():.1f} ± {sd(errs):.1f}':>12} "
+                f"{f'{acc.mean():.2f} ± {sd(acc):.2f}':>14} {flops:>9,.0f} {flops / t_flops:>6.3f} {params:>8,.0f}"
+            )
+        pairs = zip(*([r for r in rows if r["run"] == run and r["student"] == k] for k in ("searched", "uniform")))
+        wins = sum(s["errors"] < u["errors"] for s, u in pairs)
+        print(f"{run}: the searched student made fewer errors than the uniform one in {wins} of {len(q.seeds)} seeds")
+
+
 def main(argv: list[str] | None = None) -> dict:
     (q,) = HfArgumentParser(SearchRecipeArguments).parse_args_into_dataclasses(argv)
     if q.search_weights not in ("frozen", "trained"):
@@ -120,18 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows, searches = [], []
     for i, seed in enumerate(q.seeds):
         print(f"[seed {seed}, {i + 1}/{len(q.seeds)}] search at {q.target_flops_ratio:.0%} of the teacher's FLOPs")
-        set_seed(seed)
-        gated = add_gates(copy.deepcopy(teacher))
-        for name, p in gated.named_parameters():
-            p.requires_grad_(q.search_weights == "trained" or "gate" in name)
-        cb = GateSearchCallback(
-            target_flops_ratio=q.target_flops_ratio, l1_weight=q.l1_weight, l1_growth=q.l1_growth, input_size=INPUT
-        )
-        sargs = mnist_args(
-            f"{q.output_dir}/search-{seed}", seed, q.search_epochs, learning_rate=q.search_lr, disable_tqdm=True, **kd
-        )
-        DistillationTrainer(model=gated, teacher_model=teacher, args=sargs, callbacks=[cb], **common).train()
-        searched = extract_student(gated, target_flops_ratio=q.target_flops_ratio, input_size=INPUT)
+        cb, searched = search(teacher, q, seed, kd, common)
         widths = searched.model_args["hidden_dims"]
         before = held_out_errors(searched, held_out)
         print(f"  found {widths} (uniform {[h] * len(widths)}); extracted student: {before} errors before distilling")
@@ -144,78 +210,19 @@ def main(argv: list[str] | None = None) -> dict:
                 else:
                     dims = widths if kind == "searched" else [h] * len(widths)
                     student = timm.create_model("mnist_mlp", hidden_dims=dims)
-                student.train()
-                args = mnist_args(
-                    f"{q.output_dir}/{run}-{kind}-{seed}",
-                    seed,
-                    q.student_epochs,
-                    learning_rate=q.lr,
-                    disable_tqdm=True,
-                    **kd,
-                )
-                DistillationTrainer(model=student, teacher_model=teacher, args=args, **common).train()
-                row = {
-                    "seed": seed,
-                    "run": run,
-                    "student": kind,
-                    "widths": student.model_args["hidden_dims"],
-                    "errors": held_out_errors(student, held_out),
-                    "flops": count_flops(student, INPUT),
-                    "params": n_params(student),
-                }
+                row = {"seed": seed, "run": run, "student": kind}
+                row.update(distil(teacher, student, q, f"{run}-{kind}", seed, kd, common, held_out))
                 rows.append(row)
                 print(f"  {run:<9} {kind:<8} {row['widths']}: {row['errors']} errors")
                 if i == 0 and run == q.runs[0] and kind == "searched":
-                    accuracy = round(100 * (1 - row["errors"] / len(held_out)), 2)
-                    folder = save_student(
-                        student.eval(),
-                        f"{q.output_dir}/searched-student-{seed}",
-                        card=cb.card(
-                            teacher="mnist_mlp " + "-".join(map(str, [784, *q.teacher_hidden, 10])),
-                            dataset="bundled MNIST-10k (8,000 train / 2,000 held out)",
-                            metrics={"accuracy": accuracy, "held_out_errors": row["errors"]},
-                            command="OMP_NUM_THREADS=1 python recipes/mnist_search.py " + " ".join(argv or []),
-                            notes=f"Searched, extracted, then distilled ({run} weights), seed {seed}.",
-                        ),
-                        files=cb.report_files,
-                    )
-                    print(f"  saved the distilled searched student to {folder}")
+                    save_searched(student, cb, q, row, len(held_out), argv)
 
     minutes = (time.time() - started) / 60
     print(
         f"\nHeld-out errors on 2,000 real MNIST digits; teacher {t_err} errors, {t_flops:,} FLOPs, {t_params:,} "
         f"params; budget {q.target_flops_ratio:.0%}; {minutes:.1f} min"
     )
-    n_held = len(held_out)
-    print(
-        f"{'run':<10} {'student':<9} {'seed':>5}  {'widths':<9} {'errors':>12} {'accuracy %':>14} {'FLOPs':>9} "
-        f"{'ratio':>6} {'params':>8}"
-    )
-    for run in q.runs:
-        for kind in ("searched", "uniform"):
-            rs = [r for r in rows if r["run"] == run and r["student"] == kind]
-            for r in rs:
-                print(
-                    f"{run:<10} {kind:<9} {r['seed']:>5}  {'-'.join(map(str, r['widths'])):<9} {r['errors']:>12} "
-                    f"{100 * (1 - r['errors'] / n_held):>14.2f} {r['flops']:>9,} {r['flops'] / t_flops:>6.3f} "
-                    f"{r['params']:>8,}"
-                )
-            errs = np.array([r["errors"] for r in rs], dtype=float)
-            acc = 100 * (1 - errs / n_held)
-            sd = lambda a: a.std(ddof=1) if len(a) > 1 else 0.0
-            flops, params = np.mean([r["flops"] for r in rs]), np.mean([r["params"] for r in rs])
-            print(
-                f"{run:<10} {kind:<9} {'mean':>5}  {'':<9} {f'{errs.mean():.1f} ± {sd(errs):.1f}':>12} "
-                f"{f'{acc.mean():.2f} ± {sd(acc):.2f}':>14} {flops:>9,.0f} {flops / t_flops:>6.3f} {params:>8,.0f}"
-            )
-        wins = sum(
-            s["errors"] < u["errors"]
-            for s, u in zip(
-                [r for r in rows if r["run"] == run and r["student"] == "searched"],
-                [r for r in rows if r["run"] == run and r["student"] == "uniform"],
-            )
-        )
-        print(f"{run}: the searched student made fewer errors than the uniform one in {wins} of {len(q.seeds)} seeds")
+    print_table(rows, q, t_flops, len(held_out))
     summary = {
         "teacher": {"errors": t_err, "flops": t_flops, "params": t_params, "hidden_dims": q.teacher_hidden},
         "uniform_width": h,
