@@ -380,6 +380,11 @@ def test_adapters_train_at_half_the_learning_rate_in_their_own_groups(tmp_path):
     decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     assert {decay[id(c.weight)] for per in trainer.model.adapters for c in per} == {0.01}
     assert {decay[id(c.bias)] for per in trainer.model.adapters for c in per} == {0.0}
+    # The authors' optimizer, Adam, through the Trainer's optimizer_cls_and_kwargs (whose lr wins): the same groups.
+    adam = OnlineEnsembleTrainer(
+        model=tiny_ensemble(), args=args(tmp_path), optimizer_cls_and_kwargs=(torch.optim.Adam, {"lr": 2e-3})
+    ).create_optimizer()
+    assert type(adam) is torch.optim.Adam and sorted({g["lr"] for g in adam.param_groups}) == [1e-3, 2e-3]
 
 
 class AdapterSnapshots(TrainerCallback):
