@@ -40,6 +40,7 @@ __all__ = [
     "OnlineEnsemble",
     "OnlineEnsembleArguments",
     "OnlineEnsembleTrainer",
+    "ensemble_arguments",
     "build_ensemble",
     "student_widths",
     "ensemble_loss_terms",
