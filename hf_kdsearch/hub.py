@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import platform
+import secrets
 import shutil
 import socket
 import tempfile
@@ -329,7 +330,8 @@ def _atomic_folder(target: Path) -> Iterator[Path]:
     target = Path(os.path.abspath(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}-", dir=target.parent))
+    tmp = target.with_name(f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would become the saved folder's
     try:
         yield tmp
         _replace_folder(tmp, target)
@@ -597,13 +599,18 @@ def push_student(
     scratch = None if save_directory is not None else Path(tempfile.mkdtemp(prefix="hf_kdsearch_push_"))
     folder = Path(save_directory) if save_directory is not None else scratch / repo_id.replace("/", "--")
     save = dict(card=card, files=files, allow_non_finite=allow_non_finite)
-    _save(model, folder, repo_id=repo_id, **save)  # before any network call: a bad model never leaves an empty repo
+    try:  # before any network call: a bad model never leaves an empty repo
+        _save(model, folder, repo_id=repo_id, **save)
+    except BaseException:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
     try:
         url = _upload(
             model, folder, repo_id, save, token=token, private=private, message=commit_message, timeout=seconds
         )
     except BaseException as err:
-        saved = f"the student was saved to {str(folder)!r}; upload it later with `hf upload {repo_id} {folder}`"
+        saved = f"The student was saved to {str(folder)!r}; upload it later with `hf upload {repo_id} {folder}`"
         if isinstance(err, network_errors()):
             raise HubUnavailableError(f"cannot push to {repo_id!r}: {_push_reason(err, seconds)}. {saved}.") from err
         if hasattr(err, "add_note"):  # Python >= 3.11

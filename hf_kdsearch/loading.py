@@ -69,7 +69,7 @@ def hub_unreachable_reason(err: BaseException | None) -> str:
     from huggingface_hub import constants
 
     if constants.is_offline_mode():
-        return "HF_HUB_OFFLINE is set (=1), so the Hub is not asked and it is not in the local cache"
+        return "HF_HUB_OFFLINE is set (=1), so the Hub is not asked"
     reason = f"the Hub at HF_ENDPOINT={constants.ENDPOINT} could not be reached"
     return reason + (f" ({type(err).__name__}: {err})" if err is not None else "")
 
@@ -203,7 +203,9 @@ def _hub_errors(name: str, role: str) -> Iterator[None]:
 
 
 def _unreachable(name: str, role: str, err: BaseException, local: str, hint: str) -> Exception:
-    message = f"could not load the {role} {name!r}: {hub_unreachable_reason(err)}. {hint}"
+    message = (
+        f"could not load the {role} {name!r}: {hub_unreachable_reason(err)}, and it is not in the local cache. {hint}"
+    )
     if local:  # the user most likely meant a local folder
         return ModelNotFoundError(f"no {role} folder at {name!r}{local}; read as a Hub id, {message}")
     return HubUnavailableError(message)

@@ -6,11 +6,18 @@ reads `HF_ENDPOINT` and `HF_HUB_OFFLINE` when it is imported.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import resource
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -209,11 +216,100 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         load_student(str(tmp_path / "missing"))
 
 
+# ----------------------------------------------------------------------------------------------- atomic saves
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """A disk that fills up: writes past `nbytes` in one file fail with EFBIG (SIGXFSZ ignored)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_failed_resave_leaves_the_previous_folder_unchanged(tmp_path, monkeypatch):
+    old, new = make_student("mnist_cnn", seed=0), make_student("mnist_cnn", seed=1)
+    x = sample_input(old)
+    folder = save_student(old, tmp_path / "student", card={"notes": "old"})
+    before = folder_bytes(folder)
+
+    # The disk fills up while the weights are written (the config is already out).
+    with file_size_limit(len(before["model.safetensors"]) // 2), pytest.raises(Exception, match="File too large"):
+        save_student(new, folder, card={"notes": "new"})
+    # An error after the weights are out: the card template cannot be read.
+    with monkeypatch.context() as patch, pytest.raises(FileNotFoundError, match="no-template.md"):
+        patch.setattr(hf_kdsearch.hub, "CARD_TEMPLATE", tmp_path / "no-template.md")
+        save_student(new, folder, card={"notes": "new"})
+
+    assert folder_bytes(folder) == before  # all old: no new config with old weights, no half-written file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]  # no temporary folder left beside it
+    with torch.no_grad():
+        assert torch.equal(load_student(folder).eval()(x), old.eval()(x))
+
+
+def test_resave_replaces_the_student_keeps_other_files_and_cleans_stale_temporaries(tmp_path):
+    old, new = make_student("mnist_mlp", seed=0), make_student("mnist_mlp", seed=1)
+    x = sample_input(old)
+    folder = save_student(old, tmp_path / "student", files=[tiny_png(tmp_path / "plot.png")])
+    (folder / "my_notes.txt").write_text("mine")
+    # What a save killed on this host leaves: a temporary folder named after a process that no longer runs.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".student.tmp-{socket.gethostname()}-{dead.pid}-dead"
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
+
+    save_student(new, folder, card={"notes": "second"})
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png", "student"]
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["README.md", "config.json", "model.safetensors", "my_notes.txt", "plot.png"]
+    assert (folder / "my_notes.txt").read_text() == "mine" and "second" in (folder / "README.md").read_text()
+    with torch.no_grad():
+        assert torch.equal(load_student(folder).eval()(x), new.eval()(x))
+
+
+def test_non_finite_weights_are_refused_unless_allowed(tmp_path):
+    model = make_student("mnist_mlp")
+    with torch.no_grad():
+        model.fc.weight[0, 0] = float("nan")
+        model.fc.bias[1] = float("inf")
+    with pytest.raises(ValueError, match=r"non-finite weights.*fc.weight \(1 of 190\).*allow_non_finite=True"):
+        save_student(model, tmp_path / "nan")
+    assert not (tmp_path / "nan").exists()
+    with pytest.raises(ValueError, match="non-finite"):
+        push_student(model, "user/nan")  # refused before the push, offline or not
+    folder = save_student(model, tmp_path / "nan", allow_non_finite=True)
+    assert torch.isnan(load_student(folder).fc.weight[0, 0])
+
+
 # ----------------------------------------------------------------------------------------------- hub errors
-def test_push_offline_names_the_variable_and_suggests_save_student(monkeypatch, tmp_path):
+def test_push_offline_saves_locally_first_and_names_the_folder(monkeypatch, tmp_path):
+    # Local first, then the Hub: the failed push names the folder it saved, and that folder is the student.
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(HubUnavailableError, match=r"HF_HUB_OFFLINE=1 is set.*save_student"):
-        push_student(make_student("mnist_mlp"), "user/offline")
+    model = make_student("mnist_mlp")
+    x = sample_input(model)
+    with pytest.raises(HubUnavailableError, match=r"HF_HUB_OFFLINE is set.*student was saved to '([^']+)'") as info:
+        push_student(model, "user/offline", card={"teacher": "t"})
+    folder = re.search(r"student was saved to '([^']+)'", str(info.value)).group(1)
+    assert f"hf upload user/offline {folder}" in str(info.value)
+    with torch.no_grad():
+        assert torch.equal(load_student(folder).eval()(x), model(x))
+    assert "hf-hub:user/offline" in (Path(folder) / "README.md").read_text()
+    shutil.rmtree(Path(folder).parent)
+
+    # With save_directory the local copy goes where the caller says, and the error names it.
+    with pytest.raises(HubUnavailableError, match=re.escape(str(tmp_path / "kept"))):
+        push_student(model, "user/offline", save_directory=tmp_path / "kept")
+    with torch.no_grad():
+        assert torch.equal(load_student(tmp_path / "kept").eval()(x), model(x))
     with pytest.raises(HubUnavailableError, match="HF_HUB_OFFLINE"):
         load_student("user/never-downloaded-student")
 
@@ -225,8 +321,52 @@ def test_push_to_unreachable_endpoint_names_hf_endpoint(monkeypatch):
     endpoint = f"http://127.0.0.1:{port}"
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-    with pytest.raises(HubUnavailableError, match=rf"HF_ENDPOINT={endpoint} could not be reached.*save_student"):
+    with pytest.raises(HubUnavailableError, match=rf"HF_ENDPOINT={endpoint} could not be reached.*student was saved"):
         push_student(make_student("mnist_mlp"), "user/unreachable")
+
+
+def push_in_thread(limit: float, **kwargs) -> tuple[BaseException | None, float]:
+    """Run push_student in a daemon thread; fail the test if it has not returned after `limit` seconds."""
+    outcome: dict = {}
+
+    def push() -> None:
+        started = time.monotonic()
+        try:
+            push_student(make_student("mnist_mlp"), "user/silent", **kwargs)
+        except BaseException as err:  # noqa: B036 (handed to the test thread)
+            outcome["error"] = err
+        outcome["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=push, daemon=True)
+    thread.start()
+    thread.join(limit)
+    if thread.is_alive():
+        pytest.fail(f"push_student had not returned after {limit} s: the push is not bounded")
+    return outcome.get("error"), outcome["seconds"]
+
+
+def test_push_to_a_server_that_never_answers_times_out(monkeypatch, tmp_path):
+    # The server completes the TCP handshake (listen backlog) but never reads nor answers.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+
+        monkeypatch.setenv("HF_KDSEARCH_PUSH_TIMEOUT", "1")  # the environment sets the default
+        error, seconds = push_in_thread(60, save_directory=tmp_path / "kept")
+        assert isinstance(error, HubUnavailableError), repr(error)
+        assert re.search(rf"HF_ENDPOINT={endpoint} did not answer within 1 s.*HF_KDSEARCH_PUSH_TIMEOUT", str(error))
+        assert f"student was saved to {str(tmp_path / 'kept')!r}" in str(error)
+        assert seconds < 20
+
+        monkeypatch.delenv("HF_KDSEARCH_PUSH_TIMEOUT")
+        error, seconds = push_in_thread(60, timeout=0.5)  # the argument wins
+        assert isinstance(error, HubUnavailableError) and "within 0.5 s" in str(error), repr(error)
+        assert seconds < 20
+    with pytest.raises(ValueError, match="timeout must be a finite number of seconds > 0, got 0"):
+        push_student(make_student("mnist_mlp"), "user/x", timeout=0)
 
 
 # ----------------------------------------------------------------------------------------------- push and pull
