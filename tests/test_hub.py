@@ -393,6 +393,16 @@ with torch.no_grad():
         "load_student": hf_kdsearch.load_student("user/tiny-student").eval()(x),
         "load_teacher": hf_kdsearch.load_teacher("user/tiny-student").eval()(x),
     }
+    # A transformers repo loads through the same resolver, with the Auto class.
+    pixels = torch.zeros(1, 3, 32, 32)
+    out["hf_repo"] = {
+        load.__name__: load("user/hf-resnet").eval()(pixel_values=pixels).logits
+        for load in (hf_kdsearch.load_student, hf_kdsearch.load_teacher)
+    }
+try:
+    hf_kdsearch.load_student("user/no-such-student")
+except FileNotFoundError as err:
+    out["missing"] = str(err)
 torch.save(out, sys.argv[2])
 """
 
@@ -436,10 +446,20 @@ def test_push_then_pull_through_loopback_hub(tmp_path):
         assert files["widths.png"] == plot.read_bytes()
 
         # A fresh process with an empty cache downloads everything from the server.
+        resnet = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1])).eval()
+        resnet.save_pretrained(tmp_path / "hf_resnet")
+        hub.upload("user/hf-resnet", {p.name: p.read_bytes() for p in (tmp_path / "hf_resnet").iterdir()})
         run_python(PULL, tmp_path / "x.pt", tmp_path / "out.pt", env=hub.env(tmp_path / "hf_pull"))
         assert ("HEAD", "/user/tiny-student/resolve/main/model.safetensors") in hub.requests
 
     pulled = torch.load(tmp_path / "out.pt")
+    with torch.no_grad():
+        resnet_logits = resnet(pixel_values=torch.zeros(1, 3, 32, 32)).logits
+    for loader, logits in pulled.pop("hf_repo").items():
+        assert torch.equal(logits, resnet_logits), loader
+    assert re.search(
+        rf"'user/no-such-student'.*Hub at HF_ENDPOINT={hub.endpoint} has no such model repo", pulled.pop("missing")
+    )
     for loader, logits in pulled.items():
         assert torch.equal(logits, expected), loader
     assert not hub.running
@@ -492,6 +512,8 @@ def test_load_teacher_errors_are_clear(monkeypatch, tmp_path):
         load_teacher("test_resnet", not_an_argument=1)
 
 
-def test_package_exports():
-    assert {"save_student", "push_student", "load_student"} <= set(hf_kdsearch.__all__)
-    assert hf_kdsearch.save_student is save_student
+def test_package_exports_the_hub_module_api():
+    # Every public name of hub.py is reachable from the package root, as the same object.
+    public = set(hf_kdsearch.hub.__all__) - {"CARD_KEYS"}
+    assert public <= set(hf_kdsearch.__all__)
+    assert all(getattr(hf_kdsearch, name) is getattr(hf_kdsearch.hub, name) for name in public)
