@@ -7,6 +7,7 @@ reads `HF_ENDPOINT` and `HF_HUB_OFFLINE` when it is imported.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import re
 import resource
@@ -30,6 +31,7 @@ from transformers import AutoModelForImageClassification, ResNetConfig, ResNetFo
 
 import hf_kdsearch
 from hf_kdsearch import HubUnavailableError, TeacherLoadError, count_flops, load_student, push_student, save_student
+from hf_kdsearch.hub import CARD_KEYS
 from hf_kdsearch.teacher import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,6 +181,37 @@ def test_card_accuracy_shorthand_and_extra_keys(tmp_path):
     assert "| ensemble | student 2 of 5 |" in text and "| stage_widths | [6, 12, 25] |" in text
     metric = yaml_header(text)["model-index"][0]["results"][0]["metrics"][0]
     assert metric == {"type": "accuracy", "value": 0.9812, "name": "accuracy"}
+
+
+def test_card_shows_kd_settings_teacher_accuracy_and_version(tmp_path):
+    card = {
+        "teacher": "cifar_resnet56",
+        "teacher_accuracy": {"top1": 72.3, "top5": 92.1},
+        "temperature": 4,
+        "alpha": 0.9,
+        "metrics": {"top1": 70.1},
+    }
+    text = (save_student(make_student("mnist_mlp"), tmp_path / "s", card=card) / "README.md").read_text()
+    assert "| Teacher accuracy | top1 72.3, top5 92.1 |" in text
+    assert "| Temperature | T = 4 |" in text and "| Alpha | 0.9 (weight of the KD term" in text
+    version = importlib.metadata.version("hf_kdsearch")
+    assert f"exported by hf_kdsearch {version} in timm's format" in text and f"| hf_kdsearch | {version} |" in text
+    # The teacher's numbers are not the student's: the model-index holds only the student's metric.
+    assert [m["value"] for m in yaml_header(text)["model-index"][0]["results"][0]["metrics"]] == [70.1]
+    text = save_student(make_student("mnist_mlp"), tmp_path / "n", card={"teacher_accuracy": 0.5}) / "README.md"
+    assert "| Teacher accuracy | 0.5 |" in text.read_text()
+
+    # Every documented key is rendered by its own rule, none falls through to the "other facts" rows.
+    every = {**card, "method": "kd", "dataset": "d", "accuracy": 0.7, "flops": 10, "params": 5, "widths": [1]}
+    every |= {"target_flops_ratio": 0.5, "command": "c", "notes": "n", "license": "mit", "tags": ["t"]}
+    every |= {"label_names": [str(i) for i in range(10)], "hardware": "h"}
+    assert set(every) == set(CARD_KEYS)
+    text = (save_student(make_student("mnist_mlp"), tmp_path / "all", card=every) / "README.md").read_text()
+    summary_table = text.split("|---|---|\n")[1].split("\n\n")[0]
+    assert "| Accuracy | 0.7 |" in summary_table and not [k for k in CARD_KEYS if f"| {k} |" in summary_table]
+    for bad, match in (({"temperature": 0}, "temperature.*> 0"), ({"alpha": 1.5}, r"alpha.*\[0, 1\]")):
+        with pytest.raises(ValueError, match=match):
+            save_student(make_student("mnist_mlp"), tmp_path / "bad", card=bad)
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path):
