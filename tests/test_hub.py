@@ -273,9 +273,12 @@ def test_a_failed_resave_leaves_the_previous_folder_unchanged(tmp_path, monkeypa
     folder = save_student(old, tmp_path / "student", card={"notes": "old"})
     before = folder_bytes(folder)
 
-    # The disk fills up while the weights are written (the config is already out).
+    # The disk fills up while the weights are written, after the config (new class names) is out: a mixed folder
+    # would load the old weights under the new config without a word.
+    labels = {"notes": "new", "label_names": [f"digit {i}" for i in range(10)]}
     with file_size_limit(len(before["model.safetensors"]) // 2), pytest.raises(Exception, match="File too large"):
-        save_student(new, folder, card={"notes": "new"})
+        save_student(new, folder, card=labels)
+    assert folder_bytes(folder) == before  # all old: no new config with old weights, no half-written file
     # An error after the weights are out: the card template cannot be read.
     with monkeypatch.context() as patch, pytest.raises(FileNotFoundError, match="no-template.md"):
         patch.setattr(hf_kdsearch.hub, "CARD_TEMPLATE", tmp_path / "no-template.md")
@@ -347,7 +350,7 @@ def test_push_offline_saves_locally_first_and_names_the_folder(monkeypatch, tmp_
         load_student("user/never-downloaded-student")
 
 
-def test_push_to_unreachable_endpoint_names_hf_endpoint(monkeypatch):
+def test_push_to_unreachable_endpoint_names_hf_endpoint(monkeypatch, tmp_path):
     with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -355,7 +358,7 @@ def test_push_to_unreachable_endpoint_names_hf_endpoint(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
     with pytest.raises(HubUnavailableError, match=rf"HF_ENDPOINT={endpoint} could not be reached.*student was saved"):
-        push_student(make_student("mnist_mlp"), "user/unreachable")
+        push_student(make_student("mnist_mlp"), "user/unreachable", save_directory=tmp_path / "kept")
 
 
 def push_in_thread(limit: float, **kwargs) -> tuple[BaseException | None, float]:
@@ -388,14 +391,16 @@ def test_push_to_a_server_that_never_answers_times_out(monkeypatch, tmp_path):
         monkeypatch.setattr(constants, "ENDPOINT", endpoint)
 
         monkeypatch.setenv("HF_KDSEARCH_PUSH_TIMEOUT", "1")  # the environment sets the default
-        error, seconds = push_in_thread(60, save_directory=tmp_path / "kept")
+        error, seconds = push_in_thread(30)
         assert isinstance(error, HubUnavailableError), repr(error)
         assert re.search(rf"HF_ENDPOINT={endpoint} did not answer within 1 s.*HF_KDSEARCH_PUSH_TIMEOUT", str(error))
-        assert f"student was saved to {str(tmp_path / 'kept')!r}" in str(error)
+        folder = Path(re.search(r"student was saved to '([^']+)'", str(error)).group(1))
+        assert (folder / "model.safetensors").is_file()
+        shutil.rmtree(folder.parent)  # the temporary folder a failed push keeps
         assert seconds < 20
 
-        monkeypatch.delenv("HF_KDSEARCH_PUSH_TIMEOUT")
-        error, seconds = push_in_thread(60, timeout=0.5)  # the argument wins
+        error, seconds = push_in_thread(30, timeout=0.5, save_directory=tmp_path / "kept")  # the argument wins
+        assert f"student was saved to {str(tmp_path / 'kept')!r}" in str(error)
         assert isinstance(error, HubUnavailableError) and "within 0.5 s" in str(error), repr(error)
         assert seconds < 20
     with pytest.raises(ValueError, match="timeout must be a finite number of seconds > 0, got 0"):
