@@ -328,6 +328,11 @@ def _atomic_folder(target: Path) -> Iterator[Path]:
     and a folder left by a killed process on this host is recognised and removed by the next save.
     """
     target = Path(os.path.abspath(target))
+    if Path.cwd() == target or target in Path.cwd().parents:
+        raise ValueError(
+            f"cannot save a student folder to {str(target)!r}: it is (or holds) the current working directory, which "
+            f"a save replaces as a whole; pass a subfolder such as {str(target / 'student')!r}"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(target)
     tmp = target.with_name(f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")

@@ -312,6 +312,16 @@ def test_resave_replaces_the_student_keeps_other_files_and_cleans_stale_temporar
         assert torch.equal(load_student(folder).eval()(x), new.eval()(x))
 
 
+def test_the_working_directory_is_not_replaced(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.txt").write_text("mine")
+    for target in (".", str(tmp_path.parent)):
+        with pytest.raises(ValueError, match="current working directory.*pass a subfolder"):
+            save_student(make_student("mnist_mlp"), target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+    assert (save_student(make_student("mnist_mlp"), "student") / "config.json").is_file()
+
+
 def test_non_finite_weights_are_refused_unless_allowed(tmp_path):
     model = make_student("mnist_mlp")
     with torch.no_grad():
