@@ -480,7 +480,10 @@ def test_push_then_pull_through_loopback_hub(tmp_path):
 
     with LoopbackHub(timeout=400) as hub:
         push_env = hub.env(tmp_path / "hf_push")
+        (tmp_path / "tmpdir").mkdir()
+        push_env["TMPDIR"] = str(tmp_path / "tmpdir")  # where push_student keeps its local copy
         out = run_python(PUSH, tmp_path / "model.pt", json.dumps(card), plot, env=push_env)
+        assert not list((tmp_path / "tmpdir").glob("hf_kdsearch_push_*"))  # removed after the successful pushes
         assert out.split("URLS")[1].split() == [f"{hub.endpoint}/user/tiny-student"] * 2
 
         files = hub.files("user/tiny-student")
