@@ -7,8 +7,13 @@ The format is timm's own Hub format, so nothing on the loading side is ours exce
   arguments that rebuild this exact shape through `timm.create_model(architecture, **model_args)`. For hf_kdsearch
   models these are `model.model_args` (per-block widths, removed blocks, hidden sizes); for other timm models, timm's
   record of the factory arguments.
-- `README.md`: a model card (YAML metadata for the Hub, then teacher, method, budget, FLOPs, parameters, accuracy,
-  widths, command, versions, and how to load it).
+- `README.md`: a model card rendered by `huggingface_hub.ModelCard.from_template` from `templates/student_card.md`
+  (YAML metadata for the Hub, then teacher, method, budget, FLOPs, parameters, accuracy, widths, command, versions,
+  and how to load it).
+
+Every save is atomic: the folder is written beside its target under a temporary name and renamed into place, so a
+kill, a full disk or an error leaves either the old folder or the new one, never a mix. A push saves locally first;
+a failed push names the folder it leaves behind.
 
 Loaders, after `import hf_kdsearch` (which registers the `cifar_*` and `mnist_*` architectures with timm):
 
@@ -21,29 +26,47 @@ Loaders, after `import hf_kdsearch` (which registers the `cifar_*` and `mnist_*`
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import importlib.metadata
 import json
+import logging
+import math
 import os
 import platform
+import secrets
 import shutil
+import socket
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .loading import HubUnavailableError, hub_unreachable_reason, load_model, network_errors
+
 __all__ = ["HubUnavailableError", "save_student", "push_student", "load_student", "CARD_KEYS"]
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
+CARD_TEMPLATE = Path(__file__).parent / "templates" / "student_card.md"
+#: Seconds each request of a push may wait for an answer, unless `timeout=` or this environment variable says.
+PUSH_TIMEOUT_ENV = "HF_KDSEARCH_PUSH_TIMEOUT"
+DEFAULT_PUSH_TIMEOUT = 60.0
 
 #: The keys `card` may hold, with what each means; see `save_student`.
 CARD_KEYS = {
     "method": "how the student was trained, e.g. 'kd', 'search', 'unix', 'ensemble' or free text",
     "teacher": "the teacher's name, Hub id or path",
+    "teacher_accuracy": "the teacher's metric on the same held-out data: a number, or a dict name -> value",
+    "temperature": "the softmax temperature T of the KD loss (> 0)",
+    "alpha": "the weight of the KD term in [0, 1]; the cross-entropy on labels gets 1 - alpha",
     "dataset": "the training data; a Hub dataset id also goes into the YAML `datasets`",
     "metrics": "dict name -> value measured on held-out data, e.g. {'top1': 71.2, 'top5': 91.0}",
     "accuracy": "shorthand for metrics={'accuracy': value}",
@@ -69,10 +92,6 @@ _METHODS = {
 _TOP1_NAMES = ("top1", "top-1", "top_1", "accuracy", "acc", "eval_accuracy", "eval_top1")
 
 
-class HubUnavailableError(ConnectionError):
-    """The Hugging Face Hub cannot be reached (offline mode, no network, or a wrong `HF_ENDPOINT`)."""
-
-
 # ------------------------------------------------------------------------------------------------------- save
 def save_student(
     model: nn.Module,
@@ -80,24 +99,31 @@ def save_student(
     *,
     card: dict | None = None,
     files: Sequence[str | os.PathLike] = (),
+    allow_non_finite: bool = False,
 ) -> Path:
     """Write `model` to `save_directory` so that timm and transformers both load it, with a model card.
 
     The folder holds `model.safetensors`, a timm `config.json` whose `model_args` rebuild the exact shape (so a
     searched or exported student with its own per-layer widths comes back as itself), `README.md`, and copies of
-    `files`. Before returning, the config is checked by rebuilding the architecture on the meta device from the
-    written config alone and comparing every tensor name and shape with `model.state_dict()`; a model that would
-    not load (a gated search model not yet passed through `extract_student`, say) raises here rather than at load.
+    `files`. Before anything is written, the config is checked by rebuilding the architecture on the meta device from
+    the config alone and comparing every tensor name and shape with `model.state_dict()`; a model that would not load
+    (a gated search model not yet passed through `extract_student`, say) raises here rather than at load.
+
+    The save is atomic: everything is written to a temporary folder beside `save_directory`, then renamed into place.
+    A kill, a full disk or an error leaves the previous folder as it was, never a mix of old and new files. Files in
+    an existing folder that this save does not write (your own notes, an earlier plot) are kept.
 
     Args:
         model: a timm model (built by `timm.create_model`, so it carries `pretrained_cfg`). DDP/FSDP wrappers,
             `torch.compile` and transformers' `TimmWrapper*` classes are unwrapped.
-        save_directory: the folder; created if needed, and our files in it are overwritten.
-        card: what the model card should say; every key is optional, see `CARD_KEYS`: method, teacher, dataset,
-            metrics, accuracy, flops, params, widths, target_flops_ratio, command, notes, license, tags,
-            label_names, hardware. Any other key is listed in the card's summary table under its own name.
+        save_directory: the folder; created if needed, and our files in it are replaced.
+        card: what the model card should say; every key is optional, see `CARD_KEYS`: method, teacher,
+            teacher_accuracy, temperature, alpha, dataset, metrics, accuracy, flops, params, widths,
+            target_flops_ratio, command, notes, license, tags, label_names, hardware. Any other key is listed in the
+            card's summary table under its own name.
         files: extra files copied into the folder (e.g. the search's widths plot and JSON summary); PNG images are
             embedded in the card.
+        allow_non_finite: export weights holding NaN or infinity anyway; by default such a model is refused.
 
     Returns:
         The folder, as a `Path`.
@@ -109,7 +135,7 @@ def save_student(
         >>> timm.create_model("local-dir:out/student", pretrained=True)  # or AutoModelForImageClassification
         ```
     """
-    return _save(model, Path(save_directory), card=card, files=files, repo_id=None)
+    return _save(model, Path(save_directory), card=card, files=files, repo_id=None, allow_non_finite=allow_non_finite)
 
 
 def _save(
@@ -119,33 +145,47 @@ def _save(
     card: dict | None,
     files: Sequence[str | os.PathLike],
     repo_id: str | None,
+    allow_non_finite: bool,
 ) -> Path:
     from safetensors.torch import save_file
 
     model = _unwrap(model)
     card = _check_card(card)
     extra = _check_files(files)
-    config = _export_config(model, label_names=card.get("label_names"))
-    # Clone so that views of a larger tensor (slices made by extraction) and shared storage serialise as themselves.
+    if not isinstance(getattr(model, "pretrained_cfg", None), dict):
+        _refuse_non_timm(model)
+    # Clone so that views of a larger tensor (slices made by extraction), channels_last tensors and shared storage
+    # serialise as themselves.
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-    rebuilt = _rebuild_and_compare(config, state)  # before writing anything: a failed save leaves no half folder
+    if not allow_non_finite:
+        _check_finite(state)
+    with _atomic_folder(folder) as tmp:
+        config = _export_config(model, tmp / CONFIG_NAME, label_names=card.get("label_names"))
+        rebuilt = _rebuild_and_compare(config, state)  # raises before the folder is renamed into place
+        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        for src in extra:
+            shutil.copyfile(src, tmp / src.name)
+        card.setdefault("params", sum(p.numel() for p in model.parameters()))
+        if "flops" not in card:
+            from .flops import count_flops
 
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
-    for src in extra:
-        shutil.copyfile(src, folder / src.name)
-
-    if "params" not in card:
-        card["params"] = sum(p.numel() for p in model.parameters())
-    if "flops" not in card:
-        from .flops import count_flops
-
-        # Counted on the meta-device rebuild: no memory, no arithmetic, and the same shapes as the saved weights.
-        card["flops"] = count_flops(rebuilt, input_size=tuple(config["pretrained_cfg"]["input_size"]))
-    text = _card_text(config, card, [p.name for p in extra], repo_id=repo_id, folder=folder)
-    (folder / CARD_NAME).write_text(text, encoding="utf-8")
+            # Counted on the meta-device rebuild: no memory, no arithmetic, and the same shapes as the saved weights.
+            card["flops"] = count_flops(rebuilt, input_size=tuple(config["pretrained_cfg"]["input_size"]))
+        text = _card_text(config, card, [p.name for p in extra], repo_id=repo_id, folder=folder)
+        (tmp / CARD_NAME).write_text(text, encoding="utf-8")
     return folder
+
+
+def _check_finite(state: Mapping[str, torch.Tensor]) -> None:
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items() if v.is_floating_point()}
+    bad = {k: n for k, n in bad.items() if n}
+    if bad:
+        listed = ", ".join(f"{k} ({n} of {state[k].numel()})" for k, n in list(bad.items())[:5])
+        raise ValueError(
+            f"the model holds non-finite weights (NaN or infinity) in {len(bad)} tensor(s): {listed}"
+            f"{', ...' if len(bad) > 5 else ''}. Training probably diverged (lower the learning rate, check the "
+            f"inputs); pass allow_non_finite=True to export it anyway."
+        )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -163,22 +203,31 @@ def _check_card(card: Mapping | None) -> dict:
         if not isinstance(card["accuracy"], (int, float)):
             raise ValueError(f"card['accuracy'] must be a number, got {card['accuracy']!r}")
         card["metrics"] = {"accuracy": card.pop("accuracy"), **(card.get("metrics") or {})}
-    metrics = card.get("metrics")
-    if metrics is not None and not (
-        isinstance(metrics, Mapping) and all(isinstance(v, (int, float, str)) for v in metrics.values())
-    ):
-        raise ValueError(f"card['metrics'] must be a dict of name -> number, got {metrics!r}")
-    ratio = card.get("target_flops_ratio")
-    if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
-        raise ValueError(f"card['target_flops_ratio'] must be a fraction in (0, 1], got {ratio!r}")
+    for key in ("metrics", "teacher_accuracy"):
+        value = card.get(key)
+        if key == "teacher_accuracy" and isinstance(value, (int, float)):
+            continue
+        if value is not None and not (
+            isinstance(value, Mapping) and all(isinstance(v, (int, float, str)) for v in value.values())
+        ):
+            raise ValueError(f"card[{key!r}] must be a dict of name -> number, got {value!r}")
+    ranges = {
+        "target_flops_ratio": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+        "alpha": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+        "temperature": (lambda v: v > 0, "a finite number > 0"),
+    }
+    for key, (ok, what) in ranges.items():
+        value = card.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
+            raise ValueError(f"card[{key!r}] must be {what}, got {value!r}")
     for key in ("flops", "params"):
         if key in card and not (isinstance(card[key], (int, float)) and card[key] >= 0):
             raise ValueError(f"card[{key!r}] must be a non-negative number, got {card[key]!r}")
-    if "widths" in card:
+    for key in [k for k in card if k == "widths" or k not in CARD_KEYS]:  # written as JSON into the card
         try:
-            json.dumps(card["widths"])
+            json.dumps(card[key])
         except TypeError as err:
-            raise ValueError(f"card['widths'] must be JSON-serialisable, got {card['widths']!r}: {err}") from err
+            raise ValueError(f"card[{key!r}] must be JSON-serialisable, got {card[key]!r}: {err}") from err
     tags = card.get("tags", [])
     if isinstance(tags, str) or not all(isinstance(t, str) for t in tags):
         raise ValueError(f"card['tags'] must be a list of strings, got {tags!r}")
@@ -200,17 +249,22 @@ def _check_files(files: Sequence[str | os.PathLike]) -> list[Path]:
     return paths
 
 
-def _export_config(model: nn.Module, label_names: Sequence[str] | None) -> dict:
+def _refuse_non_timm(model: nn.Module) -> None:
+    hint = ""
+    if isinstance(getattr(model, "model_args", None), dict):
+        hint = f" Build it with timm.create_model('<architecture>', num_classes=..., **{model.model_args!r})."
+    raise ValueError(
+        f"save_student needs a timm model built by timm.create_model (it carries `pretrained_cfg`, the "
+        f"architecture name and input size); got a {type(model).__name__} without one.{hint}"
+    )
+
+
+def _export_config(model: nn.Module, path: Path, label_names: Sequence[str] | None) -> dict:
+    # `save_config_for_hf` is the config half of timm's public `save_for_hf`. `save_for_hf` itself also writes
+    # `model.state_dict()` as it is, which safetensors refuses for channels_last (non-contiguous) and tied tensors,
+    # so the weights are written by `_save` from contiguous copies and only the config comes from timm.
     from timm.models._hub import save_config_for_hf
 
-    if not isinstance(getattr(model, "pretrained_cfg", None), dict):
-        hint = ""
-        if isinstance(getattr(model, "model_args", None), dict):
-            hint = f" Build it with timm.create_model('<architecture>', num_classes=..., **{model.model_args!r})."
-        raise ValueError(
-            f"save_student needs a timm model built by timm.create_model (it carries `pretrained_cfg`, the "
-            f"architecture name and input size); got a {type(model).__name__} without one.{hint}"
-        )
     model_config = {}
     if label_names is not None:
         if len(label_names) != model.num_classes:
@@ -219,11 +273,9 @@ def _export_config(model: nn.Module, label_names: Sequence[str] | None) -> dict:
     elif len(model.pretrained_cfg.get("label_names") or ()) == model.num_classes:
         # transformers reads class names from the config root only; timm keeps a loaded model's in pretrained_cfg.
         model_config["label_names"] = list(model.pretrained_cfg["label_names"])
+    save_config_for_hf(model, str(path), model_config=model_config)
+    config = json.loads(path.read_text())
     own_args = getattr(model, "model_args", None)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / CONFIG_NAME
-        save_config_for_hf(model, str(path), model_config=model_config)
-        config = json.loads(path.read_text())
     if isinstance(own_args, dict):
         # Our models record exactly the arguments that rebuild them; timm's factory record may be stale after
         # extraction or export, and it is a subset.
@@ -235,6 +287,7 @@ def _export_config(model: nn.Module, label_names: Sequence[str] | None) -> dict:
     config.get("model_args", {}).pop("num_classes", None)
     if not config.get("model_args"):
         config.pop("model_args", None)
+    path.write_text(json.dumps(config, indent=2) + "\n")
     return config
 
 
@@ -266,7 +319,204 @@ def _rebuild_and_compare(config: dict, state: Mapping[str, torch.Tensor]) -> nn.
     return rebuilt.eval()
 
 
+# ------------------------------------------------------------------------------------------------------- atomic
+@contextlib.contextmanager
+def _atomic_folder(target: Path) -> Iterator[Path]:
+    """Yield an empty folder beside `target`; on success it replaces `target` in one step, on error it is removed.
+
+    The temporary name is `.<name>.tmp-<host>-<pid>-<random>`, so concurrent writers (several ranks) never share one
+    and a folder left by a killed process on this host is recognised and removed by the next save.
+    """
+    target = Path(os.path.abspath(target))
+    if Path.cwd() == target or target in Path.cwd().parents:
+        raise ValueError(
+            f"cannot save a student folder to {str(target)!r}: it is (or holds) the current working directory, which "
+            f"a save replaces as a whole; pass a subfolder such as {str(target / 'student')!r}"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(target)
+    tmp = target.with_name(f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would become the saved folder's
+    try:
+        yield tmp
+        _replace_folder(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful replace
+
+
+def _remove_stale(target: Path) -> None:
+    host = socket.gethostname()
+    for path in target.parent.glob(f".{target.name}.tmp-{host}-*"):
+        pid = path.name[len(f".{target.name}.tmp-{host}-") :].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    if not target.exists():
+        try:
+            os.rename(new, target)  # atomic; fails if another writer created a non-empty target meanwhile
+            return
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+    if not target.is_dir():
+        raise NotADirectoryError(f"cannot save a student folder to {str(target)!r}: a file of that name exists")
+    for entry in target.iterdir():  # keep what this save does not write; hard links cost no copy
+        if not (new / entry.name).exists() and not entry.name.startswith(f".{target.name}.tmp-"):
+            _link_tree(entry, new / entry.name)
+    if _exchange(new, target):  # `new` now holds the old folder, which the caller removes
+        return
+    old = new.with_name(new.name + "-old")
+    os.rename(target, old)  # a kill between these two renames leaves both folders complete beside the target
+    os.rename(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dst, symlinks=True, copy_function=link)
+    elif src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    else:
+        link(str(src), str(dst))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step with Linux's renameat2(RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not Linux, or glibc older than 2.28
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 # ------------------------------------------------------------------------------------------------------- card
+def _card_text(config: dict, card: dict, extra: list[str], *, repo_id: str | None, folder: Path) -> str:
+    """The model card: YAML metadata from `_card_data`, the text from the Markdown template."""
+    from huggingface_hub import ModelCard
+
+    arch = config["architecture"]
+    where = repo_id or str(folder)
+    method_text = _method_text(card.get("method"))
+    summary = f"A `{arch}` student"
+    if card.get("teacher"):
+        summary += f" distilled from `{card['teacher']}`"
+    if method_text:
+        summary += f" by {method_text}"
+    images = [Path(f) for f in extra if f.lower().endswith(".png")]
+    rendered = ModelCard.from_template(
+        _card_data(config, card, name=repo_id.split("/")[-1] if repo_id else folder.name),
+        template_path=str(CARD_TEMPLATE),
+        name=repo_id.split("/")[-1] if repo_id else folder.name,
+        summary=summary + f", exported by hf_kdsearch {_versions()['hf_kdsearch']} in timm's format.",
+        rows=[(label, _cell(value)) for label, value in _card_rows(config, card)],
+        widths=_fmt_json(card["widths"]) if "widths" in card else None,
+        arch_repr=repr(arch),
+        num_classes=config["num_classes"],
+        model_args=_fmt_json(config.get("model_args", {})),
+        images=images,
+        others=[f for f in extra if Path(f) not in images],
+        command=card.get("command"),
+        timm_name=repr(f"hf-hub:{repo_id}" if repo_id else f"local-dir:{where}"),
+        where=repr(where),
+        versions=list(_versions().items()),
+        hardware=card.get("hardware") or _hardware(),
+        notes=card.get("notes"),
+    )
+    return str(rendered)
+
+
+def _method_text(method: Any) -> str | None:
+    return None if method is None else _METHODS.get(str(method).lower(), str(method))
+
+
+def _card_data(config: dict, card: dict, name: str):
+    from huggingface_hub import EvalResult, ModelCardData
+
+    method, dataset, metrics = card.get("method"), card.get("dataset"), card.get("metrics") or {}
+    tags = ["hf_kdsearch", "knowledge-distillation", "image-classification", "timm"]
+    if method is not None and str(method).lower() in _METHODS:
+        tags.append(f"kd-{str(method).lower()}")
+    tags += [t for t in card.get("tags", []) if t not in tags]
+    is_hub_dataset = isinstance(dataset, str) and all(c.isalnum() or c in "-_./" for c in dataset)
+    eval_results = [
+        EvalResult(
+            task_type="image-classification",
+            task_name="Image Classification",
+            dataset_type=dataset if is_hub_dataset else "custom",
+            dataset_name=str(dataset or "custom"),
+            metric_type="accuracy" if k.lower() in _TOP1_NAMES else k,
+            metric_name=k,
+            metric_value=v,
+        )
+        for k, v in metrics.items()
+    ]
+    return ModelCardData(
+        library_name="timm",
+        license=card.get("license") or config["pretrained_cfg"].get("license") or "apache-2.0",
+        tags=tags,
+        pipeline_tag="image-classification",
+        datasets=[dataset] if is_hub_dataset else None,
+        model_name=name if eval_results else None,
+        eval_results=eval_results or None,
+    )
+
+
+def _card_rows(config: dict, card: dict) -> list[tuple[str, Any]]:
+    size = "x".join(map(str, config["pretrained_cfg"]["input_size"]))
+    rows = [("Architecture", f"`{config['architecture']}`, {config['num_classes']} classes, input {size}")]
+    if card.get("teacher"):
+        rows.append(("Teacher", f"`{card['teacher']}`"))
+    if card.get("teacher_accuracy") is not None:
+        rows.append(("Teacher accuracy", _fmt_metrics(card["teacher_accuracy"])))
+    if _method_text(card.get("method")):
+        rows.append(("Method", _method_text(card.get("method"))))
+    if card.get("temperature") is not None:
+        rows.append(("Temperature", f"T = {card['temperature']:g}"))
+    if card.get("alpha") is not None:
+        rows.append(("Alpha", f"{card['alpha']:g} (weight of the KD term; labels' cross-entropy gets the rest)"))
+    if card.get("dataset"):
+        rows.append(("Dataset", str(card["dataset"])))
+    if card.get("target_flops_ratio") is not None:
+        rows.append(("FLOPs budget", f"{100 * card['target_flops_ratio']:.4g}% of the teacher's FLOPs"))
+    rows.append(("FLOPs", f"{_fmt_count(card['flops'])} per {size} sample, forward; a multiply-add counts 2"))
+    rows.append(("Parameters", _fmt_count(card["params"])))
+    metrics = card.get("metrics") or {}
+    for k, v in metrics.items():
+        label = k if k.lower() not in _TOP1_NAMES and "top" not in k.lower() else f"Accuracy ({k})"
+        rows.append(("Accuracy" if k.lower() in ("accuracy", "acc") else label, str(v)))
+    if not metrics:
+        rows.append(("Accuracy", "not measured"))
+    for k, v in card.items():  # facts a caller added beyond CARD_KEYS, e.g. an ensemble's member index
+        if k not in CARD_KEYS:
+            rows.append((str(k), v if isinstance(v, str) else json.dumps(v)))
+    return rows
+
+
+def _fmt_metrics(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k} {v}" for k, v in value.items())
+    return str(value)
+
+
 def _fmt_count(n: float) -> str:
     for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
         if n >= scale:
@@ -307,161 +557,7 @@ def _hardware() -> str:
     return f"CPU ({cpu}, {os.cpu_count()} logical cores)"
 
 
-def _card_text(config: dict, card: dict, extra: list[str], *, repo_id: str | None, folder: Path) -> str:
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    arch = config["architecture"]
-    name = repo_id.split("/")[-1] if repo_id else folder.name
-    method = card.get("method")
-    method_text = _METHODS.get(str(method).lower(), method) if method is not None else None
-    dataset = card.get("dataset")
-    metrics = card.get("metrics") or {}
-    input_size = tuple(config["pretrained_cfg"]["input_size"])
-    license_ = card.get("license") or config["pretrained_cfg"].get("license") or "apache-2.0"
-
-    tags = ["hf_kdsearch", "knowledge-distillation", "image-classification", "timm"]
-    if method is not None and str(method).lower() in _METHODS:
-        tags.append(f"kd-{str(method).lower()}")
-    tags += [t for t in card.get("tags", []) if t not in tags]
-    is_hub_dataset = isinstance(dataset, str) and all(c.isalnum() or c in "-_./" for c in dataset)
-    eval_results = None
-    if metrics:
-        eval_results = [
-            EvalResult(
-                task_type="image-classification",
-                task_name="Image Classification",
-                dataset_type=dataset if is_hub_dataset else "custom",
-                dataset_name=str(dataset or "custom"),
-                metric_type="accuracy" if k.lower() in _TOP1_NAMES else k,
-                metric_name=k,
-                metric_value=v,
-            )
-            for k, v in metrics.items()
-        ]
-    data = ModelCardData(
-        library_name="timm",
-        license=license_,
-        tags=tags,
-        pipeline_tag="image-classification",
-        datasets=[dataset] if is_hub_dataset else None,
-        model_name=name if eval_results else None,
-        eval_results=eval_results,
-    )
-
-    where = repo_id or str(folder)
-    lines = [f"# {name}", ""]
-    summary = f"A `{arch}` student"
-    if card.get("teacher"):
-        summary += f" distilled from `{card['teacher']}`"
-    if method_text:
-        summary += f" by {method_text}"
-    lines += [summary + ", exported by hf_kdsearch in timm's format.", ""]
-
-    rows = [("Architecture", f"`{arch}`, {config['num_classes']} classes, input {'x'.join(map(str, input_size))}")]
-    if card.get("teacher"):
-        rows.append(("Teacher", f"`{card['teacher']}`"))
-    if method_text:
-        rows.append(("Method", method_text))
-    if dataset:
-        rows.append(("Dataset", str(dataset)))
-    if card.get("target_flops_ratio") is not None:
-        rows.append(("FLOPs budget", f"{100 * card['target_flops_ratio']:.4g}% of the teacher's FLOPs"))
-    size = "x".join(map(str, input_size))
-    rows.append(("FLOPs", f"{_fmt_count(card['flops'])} per {size} sample, forward; a multiply-add counts 2"))
-    rows.append(("Parameters", _fmt_count(card["params"])))
-    for k, v in metrics.items():
-        label = k if k.lower() not in _TOP1_NAMES and "top" not in k.lower() else f"Accuracy ({k})"
-        rows.append(("Accuracy" if k.lower() in ("accuracy", "acc") else label, str(v)))
-    if not metrics:
-        rows.append(("Accuracy", "not measured"))
-    for k, v in card.items():  # facts a caller added beyond CARD_KEYS, e.g. an ensemble's member index
-        if k not in CARD_KEYS:
-            rows.append((str(k), v if isinstance(v, str) else json.dumps(v)))
-    lines += ["| | |", "|---|---|"] + [f"| {k} | {_cell(v)} |" for k, v in rows] + [""]
-
-    if "widths" in card:
-        lines += ["## Widths", "", "```json", _fmt_json(card["widths"]), "```", ""]
-    lines += [
-        "## Architecture arguments",
-        "",
-        f"`timm.create_model({arch!r}, num_classes={config['num_classes']}, **model_args)` rebuilds this shape:",
-        "",
-        "```json",
-        _fmt_json(config.get("model_args", {})),
-        "```",
-        "",
-    ]
-    images = [f for f in extra if f.lower().endswith(".png")]
-    others = [f for f in extra if f not in images]
-    for image in images:
-        lines += [f"![{Path(image).stem}]({image})", ""]
-    if others:
-        lines += ["Other files: " + ", ".join(f"[`{f}`]({f})" for f in others), ""]
-    if card.get("command"):
-        lines += ["## Command", "", "```bash", str(card["command"]), "```", ""]
-
-    timm_name = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{where}"
-    lines += [
-        "## How to load",
-        "",
-        "The architecture is registered with timm by `import hf_kdsearch` (`pip install hf_kdsearch`).",
-        "",
-        "```python",
-        "import hf_kdsearch  # registers the architecture with timm",
-        "import timm",
-        "from transformers import AutoModelForImageClassification",
-        "",
-        f"model = timm.create_model({timm_name!r}, pretrained=True).eval()",
-        f"model = AutoModelForImageClassification.from_pretrained({where!r}).eval()  # logits in .logits",
-        "```",
-        "",
-        "## Environment",
-        "",
-        "| | |",
-        "|---|---|",
-        *[f"| {k} | {v} |" for k, v in _versions().items()],
-        f"| hardware | {card.get('hardware') or _hardware()} |",
-        "",
-    ]
-    if card.get("notes"):
-        lines += ["## Notes", "", str(card["notes"]), ""]
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
-
-
 # ------------------------------------------------------------------------------------------------------- hub
-def _network_errors() -> tuple[type[BaseException], ...]:
-    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    errors: list[type[BaseException]] = [OfflineModeIsEnabled, LocalEntryNotFoundError, ConnectionError, TimeoutError]
-    for module, names in (
-        ("httpx2", ("TransportError",)),
-        ("httpx", ("TransportError",)),
-        ("requests", ("ConnectionError", "Timeout")),
-    ):
-        try:
-            mod = __import__(module)
-        except ImportError:
-            continue
-        errors += [getattr(mod, n) for n in names if hasattr(mod, n)]
-    return tuple(errors)
-
-
-def _unavailable(action: str, err: BaseException | None) -> HubUnavailableError:
-    from huggingface_hub import constants
-
-    if constants.is_offline_mode():
-        reason = "HF_HUB_OFFLINE=1 is set"
-    else:
-        reason = f"the Hub at HF_ENDPOINT={constants.ENDPOINT} could not be reached"
-        if err is not None:
-            reason += f" ({type(err).__name__}: {err})"
-    return HubUnavailableError(
-        f"cannot {action}: {reason}. Unset HF_HUB_OFFLINE, or point HF_ENDPOINT at a reachable Hub; or save the "
-        f"student locally with hf_kdsearch.save_student(model, 'out/student') and upload the folder later with "
-        f"`hf upload <repo_id> out/student`."
-    )
-
-
 def push_student(
     model: nn.Module,
     repo_id: str,
@@ -471,12 +567,20 @@ def push_student(
     token: str | None = None,
     private: bool | None = None,
     commit_message: str = "Upload student with hf_kdsearch",
+    save_directory: str | os.PathLike | None = None,
+    timeout: float | None = None,
+    allow_non_finite: bool = False,
 ) -> str:
-    """Push `model` to the Hub repo `repo_id` in the `save_student` format, with its model card; returns the repo URL.
+    """Save `model` locally in the `save_student` format, then push that folder to the Hub repo `repo_id`.
 
-    The folder is written and checked locally first (see `save_student`), then `huggingface_hub` creates the repo if
-    it does not exist and uploads the folder in one commit. Files already in the repo are kept or overwritten, never
-    deleted.
+    The folder is written and checked first (see `save_student`), to `save_directory` or else to a new temporary
+    folder; only then does `huggingface_hub` create the repo if it does not exist and upload the folder in one commit.
+    Files already in the repo are kept or overwritten, never deleted. A temporary folder is removed after a successful
+    push and kept after a failed one; either way the error names the folder and the `hf upload` command that retries.
+
+    Every request of the push must get an answer within `timeout` seconds, so a Hub that accepts the connection but
+    never answers ends in a `HubUnavailableError` instead of a hang. (File transfers that `huggingface_hub` hands to
+    the `hf_xet` backend are outside this bound.)
 
     Args:
         model: the student (see `save_student`).
@@ -486,59 +590,127 @@ def push_student(
         token: a Hub token; defaults to the one `huggingface_hub` finds (`HF_TOKEN`, `hf auth login`).
         private: visibility of a newly created repo; `None` keeps the Hub's default.
         commit_message: the commit's title.
+        save_directory: where to keep the local copy; by default a temporary folder, removed after a successful push.
+        timeout: seconds each request may wait for an answer; default `$HF_KDSEARCH_PUSH_TIMEOUT`, else 60.
+        allow_non_finite: push weights holding NaN or infinity anyway (see `save_student`).
 
     Raises:
-        HubUnavailableError: under `HF_HUB_OFFLINE=1`, or when the Hub (`HF_ENDPOINT`) cannot be reached. The
-            message suggests `save_student` instead.
+        HubUnavailableError: under `HF_HUB_OFFLINE=1`, when the Hub (`HF_ENDPOINT`) cannot be reached, or when it does
+            not answer within `timeout`. The message names the local folder that was saved.
     """
-    from huggingface_hub import HfApi, constants
-
     if not isinstance(repo_id, str) or not repo_id.strip("/") or repo_id.count("/") > 1:
         raise ValueError(f"repo_id must look like 'user/name', got {repo_id!r}")
-    with tempfile.TemporaryDirectory(prefix="hf_kdsearch_push_") as tmp:
-        folder = Path(tmp) / "student"
-        # Write and verify before touching the network, so a bad model never leaves an empty repo behind.
-        _save(model, folder, card=card, files=files, repo_id=repo_id)
-        if constants.is_offline_mode():
-            raise _unavailable(f"push to {repo_id!r}", None)
-        api = HfApi(token=token, library_name="hf_kdsearch", library_version=_versions()["hf_kdsearch"])
+    seconds = _push_timeout(timeout)
+    scratch = None if save_directory is not None else Path(tempfile.mkdtemp(prefix="hf_kdsearch_push_"))
+    folder = Path(save_directory) if save_directory is not None else scratch / repo_id.replace("/", "--")
+    save = dict(card=card, files=files, allow_non_finite=allow_non_finite)
+    try:  # before any network call: a bad model never leaves an empty repo
+        _save(model, folder, repo_id=repo_id, **save)
+    except BaseException:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    try:
+        url = _upload(
+            model, folder, repo_id, save, token=token, private=private, message=commit_message, timeout=seconds
+        )
+    except BaseException as err:
+        saved = f"The student was saved to {str(folder)!r}; upload it later with `hf upload {repo_id} {folder}`"
+        if isinstance(err, network_errors()):
+            raise HubUnavailableError(f"cannot push to {repo_id!r}: {_push_reason(err, seconds)}. {saved}.") from err
+        if hasattr(err, "add_note"):  # Python >= 3.11
+            err.add_note(f"hf_kdsearch: {saved}")
+        logger.error("push to %r failed: %s", repo_id, saved)
+        raise
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return url
+
+
+def _push_timeout(timeout: float | None) -> float:
+    if timeout is None:
+        env = os.environ.get(PUSH_TIMEOUT_ENV)
         try:
-            url = api.create_repo(repo_id, private=private, exist_ok=True)
-            if url.repo_id != repo_id:  # the Hub completed an implicit namespace: the card's snippets must say so
-                _save(model, folder, card=card, files=files, repo_id=url.repo_id)
-            api.upload_folder(repo_id=url.repo_id, folder_path=folder, commit_message=commit_message)
-        except _network_errors() as err:
-            raise _unavailable(f"push to {repo_id!r}", err) from err
+            timeout = float(env) if env else DEFAULT_PUSH_TIMEOUT
+        except ValueError:
+            raise ValueError(f"{PUSH_TIMEOUT_ENV} must be a number of seconds, got {env!r}") from None
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"the push timeout must be a finite number of seconds > 0, got {timeout!r}")
+    return float(timeout)
+
+
+def _push_reason(err: BaseException, seconds: float) -> str:
+    if isinstance(err, TimeoutError) or "timeout" in type(err).__name__.lower():
+        from huggingface_hub import constants
+
+        return (
+            f"the Hub at HF_ENDPOINT={constants.ENDPOINT} did not answer within {seconds:g} s "
+            f"({type(err).__name__}); raise the limit with timeout= or {PUSH_TIMEOUT_ENV}, or retry later"
+        )
+    return hub_unreachable_reason(err) + "; unset HF_HUB_OFFLINE, or point HF_ENDPOINT at a reachable Hub"
+
+
+def _upload(model, folder: Path, repo_id: str, save: dict, *, token, private, message: str, timeout: float) -> str:
+    # timm's public `push_to_hf_hub` is not used: it writes its own README only when the repo has none (so our card
+    # would never be updated), serialises `model.state_dict()` as is (channels_last weights fail), takes no extra
+    # files, and uploads from a temporary folder it deletes, so nothing would survive a failed push.
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    if constants.is_offline_mode():
+        raise OfflineModeIsEnabled("HF_HUB_OFFLINE is set")
+    api = HfApi(token=token, library_name="hf_kdsearch", library_version=_versions()["hf_kdsearch"])
+    with _bounded_requests(timeout):
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        if url.repo_id != repo_id:  # the Hub completed an implicit namespace: the card's snippets must say so
+            _save(model, folder, repo_id=url.repo_id, **save)
+        api.upload_folder(repo_id=url.repo_id, folder_path=folder, commit_message=message)
     return str(url)
 
 
+@contextlib.contextmanager
+def _bounded_requests(seconds: float) -> Iterator[None]:
+    """Give every request `huggingface_hub` sends meanwhile a connect/read/write/pool timeout of at most `seconds`.
+
+    huggingface_hub's shared client has no timeout (`timeout=None`), and `create_repo`/`upload_folder` take none. A
+    request hook on that client (a public httpx feature, reached through the public `get_session`) sets the
+    per-request timeout, which the transport reads when it sends; a tighter timeout huggingface_hub set is kept.
+    """
+    from huggingface_hub import get_session
+
+    def bound(request) -> None:
+        current = dict(request.extensions.get("timeout") or {})
+        for key in ("connect", "read", "write", "pool"):
+            current[key] = seconds if current.get(key) is None else min(current[key], seconds)
+        request.extensions = {**request.extensions, "timeout": current}
+
+    session = get_session()
+    hooks = session.event_hooks
+    session.event_hooks = {**hooks, "request": [*hooks["request"], bound]}
+    try:
+        yield
+    finally:
+        hooks = session.event_hooks
+        session.event_hooks = {**hooks, "request": [h for h in hooks["request"] if h is not bound]}
+
+
 def load_student(name_or_path: str | os.PathLike, **kwargs: Any) -> nn.Module:
-    """Load a student written by `save_student` or `push_student`, with timm.
+    """Load a student written by `save_student` or `push_student` (or any timm or transformers image classifier).
+
+    The same loader as `load_teacher` (`hf_kdsearch.loading.load_model`), without its refusal wrapper.
 
     Args:
         name_or_path: a local folder, `"local-dir:<folder>"`, a Hub repo id `"user/name"`, or `"hf-hub:user/name"`.
-        kwargs: passed to `timm.create_model` (e.g. `num_classes` for a new head).
+            A folder written by transformers' `save_pretrained` loads with `AutoModelForImageClassification`.
+        kwargs: passed to `timm.create_model` (e.g. `num_classes` for a new head), or to `from_pretrained`.
 
     Returns:
         The model, in train mode as timm returns it; call `.eval()` for inference.
 
     Raises:
-        FileNotFoundError: a path that does not exist, or a folder without `config.json`.
+        FileNotFoundError: a path that does not exist (a close match is suggested), a folder without `config.json`,
+            or a name that is neither a folder nor a Hub repo.
         HubUnavailableError: a Hub id that is not cached while offline or when the Hub cannot be reached.
+        ValueError: a `config.json` that is neither timm's nor transformers'.
     """
-    import timm
-
-    name = os.fspath(name_or_path)
-    if name.startswith("local-dir:"):
-        name = name[len("local-dir:") :]
-    if os.path.isdir(name):
-        if not os.path.isfile(os.path.join(name, CONFIG_NAME)):
-            raise FileNotFoundError(f"{name!r} is a folder but has no {CONFIG_NAME}; is it a save_student folder?")
-        return timm.create_model(f"local-dir:{os.path.abspath(name)}", pretrained=True, **kwargs)
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
-        raise FileNotFoundError(f"no student folder at {name!r}")
-    repo = name if name.startswith("hf-hub:") else f"hf-hub:{name}"
-    try:
-        return timm.create_model(repo, pretrained=True, **kwargs)
-    except _network_errors() as err:
-        raise _unavailable(f"download {repo!r}", err) from err
+    return load_model(name_or_path, role="student", **kwargs)

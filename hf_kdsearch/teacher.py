@@ -8,8 +8,6 @@ a DDP wrapper, and it never enters a checkpoint because the Trainer only saves `
 from __future__ import annotations
 
 import copy
-import json
-import os
 from typing import Any
 
 import torch
@@ -39,60 +37,12 @@ def load_teacher(name_or_path: str, **kwargs: Any) -> nn.Module:
     Offline, or when the Hub cannot be reached or has no such repo, a `TeacherLoadError` says so and suggests a
     local path. Other errors (a wrong keyword argument, mismatched weights) propagate unchanged.
     """
-    import timm
-    from huggingface_hub import constants
-    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
-    from transformers import AutoModelForImageClassification
+    from .loading import HubUnavailableError, ModelLoadError, ModelNotFoundError, load_model
 
-    import hf_kdsearch  # noqa: F401  (registers our architectures)
-
-    from .hub import _network_errors
-
-    name_or_path = os.fspath(name_or_path)
-    if os.path.isdir(name_or_path):
-        cfg_file = os.path.join(name_or_path, "config.json")
-        if not os.path.isfile(cfg_file):
-            raise TeacherLoadError(f"teacher folder {name_or_path!r} has no config.json")
-        with open(cfg_file) as f:
-            if _is_timm_config(json.load(f)):
-                return timm.create_model(f"local-dir:{os.path.abspath(name_or_path)}", pretrained=True, **kwargs)
-        return AutoModelForImageClassification.from_pretrained(name_or_path, **kwargs)
-    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
-        raise TeacherLoadError(f"no teacher folder at {name_or_path!r} (it is not a Hub id either)")
-    if "/" not in name_or_path and ":" not in name_or_path and timm.is_model(name_or_path):
-        cfg = timm.models.get_pretrained_cfg(name_or_path)
-        if cfg is None or not (cfg.url or cfg.hf_hub_id or cfg.file or cfg.state_dict):
-            raise TeacherLoadError(
-                f"timm has no pretrained weights for {name_or_path!r}; train a teacher first and pass its folder "
-                f"(e.g. one written by `hf_kdsearch.save_student`), or pass a model object as teacher_model"
-            )
     try:
-        if name_or_path.startswith(("hf-hub:", "timm/")):
-            name = name_or_path if name_or_path.startswith("hf-hub:") else f"hf-hub:{name_or_path}"
-            return timm.create_model(name, pretrained=True, **kwargs)
-        if "/" not in name_or_path and timm.is_model(name_or_path):
-            return timm.create_model(name_or_path, pretrained=True, **kwargs)
-        from huggingface_hub import hf_hub_download
-
-        with open(hf_hub_download(name_or_path, "config.json")) as f:
-            config = json.load(f)
-        if _is_timm_config(config):
-            return timm.create_model(f"hf-hub:{name_or_path}", pretrained=True, **kwargs)
-        return AutoModelForImageClassification.from_pretrained(name_or_path, **kwargs)
-    # transformers reports a missing or unreachable repo as OSError; the Hub clients use their own types.
-    except (*_network_errors(), RepositoryNotFoundError, RevisionNotFoundError, HFValidationError, OSError) as err:
-        offline_env = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-        if constants.is_offline_mode() or offline_env:
-            reason = "HF_HUB_OFFLINE is set and it is not in the local cache"
-        elif isinstance(err, (RepositoryNotFoundError, HFValidationError)):
-            reason = f"the Hub at HF_ENDPOINT={constants.ENDPOINT} has no such repo (or it is private or gated)"
-        else:
-            reason = f"the Hub at HF_ENDPOINT={constants.ENDPOINT} could not be reached or could not serve it"
-        raise TeacherLoadError(
-            f"could not load the teacher {name_or_path!r}: {reason}. Pass a local folder (save one with "
-            f"`hf_kdsearch.save_student` or `model.save_pretrained`) or a model object as teacher_model. "
-            f"Underlying error: {type(err).__name__}: {err}"
-        ) from err
+        return load_model(name_or_path, role="teacher", **kwargs)
+    except (ModelNotFoundError, ModelLoadError, HubUnavailableError) as err:
+        raise TeacherLoadError(str(err)) from err
 
 
 #: Set on a teacher by `freeze_teacher`; `add_gates` reads it to thaw a deep copy meant as a student.

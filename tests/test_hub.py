@@ -6,11 +6,19 @@ reads `HF_ENDPOINT` and `HF_HUB_OFFLINE` when it is imported.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import json
+import re
+import resource
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +31,7 @@ from transformers import AutoModelForImageClassification, ResNetConfig, ResNetFo
 
 import hf_kdsearch
 from hf_kdsearch import HubUnavailableError, TeacherLoadError, count_flops, load_student, push_student, save_student
+from hf_kdsearch.hub import CARD_KEYS
 from hf_kdsearch.teacher import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,6 +183,37 @@ def test_card_accuracy_shorthand_and_extra_keys(tmp_path):
     assert metric == {"type": "accuracy", "value": 0.9812, "name": "accuracy"}
 
 
+def test_card_shows_kd_settings_teacher_accuracy_and_version(tmp_path):
+    card = {
+        "teacher": "cifar_resnet56",
+        "teacher_accuracy": {"top1": 72.3, "top5": 92.1},
+        "temperature": 4,
+        "alpha": 0.9,
+        "metrics": {"top1": 70.1},
+    }
+    text = (save_student(make_student("mnist_mlp"), tmp_path / "s", card=card) / "README.md").read_text()
+    assert "| Teacher accuracy | top1 72.3, top5 92.1 |" in text
+    assert "| Temperature | T = 4 |" in text and "| Alpha | 0.9 (weight of the KD term" in text
+    version = importlib.metadata.version("hf_kdsearch")
+    assert f"exported by hf_kdsearch {version} in timm's format" in text and f"| hf_kdsearch | {version} |" in text
+    # The teacher's numbers are not the student's: the model-index holds only the student's metric.
+    assert [m["value"] for m in yaml_header(text)["model-index"][0]["results"][0]["metrics"]] == [70.1]
+    text = save_student(make_student("mnist_mlp"), tmp_path / "n", card={"teacher_accuracy": 0.5}) / "README.md"
+    assert "| Teacher accuracy | 0.5 |" in text.read_text()
+
+    # Every documented key is rendered by its own rule, none falls through to the "other facts" rows.
+    every = {**card, "method": "kd", "dataset": "d", "accuracy": 0.7, "flops": 10, "params": 5, "widths": [1]}
+    every |= {"target_flops_ratio": 0.5, "command": "c", "notes": "n", "license": "mit", "tags": ["t"]}
+    every |= {"label_names": [str(i) for i in range(10)], "hardware": "h"}
+    assert set(every) == set(CARD_KEYS)
+    text = (save_student(make_student("mnist_mlp"), tmp_path / "all", card=every) / "README.md").read_text()
+    summary_table = text.split("|---|---|\n")[1].split("\n\n")[0]
+    assert "| Accuracy | 0.7 |" in summary_table and not [k for k in CARD_KEYS if f"| {k} |" in summary_table]
+    for bad, match in (({"temperature": 0}, "temperature.*> 0"), ({"alpha": 1.5}, r"alpha.*\[0, 1\]")):
+        with pytest.raises(ValueError, match=match):
+            save_student(make_student("mnist_mlp"), tmp_path / "bad", card=bad)
+
+
 def test_bad_inputs_raise_clear_errors(tmp_path):
     model = make_student("mnist_mlp")
     with pytest.raises(ValueError, match="metrics"):
@@ -209,24 +249,172 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         load_student(str(tmp_path / "missing"))
 
 
+# ----------------------------------------------------------------------------------------------- atomic saves
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """A disk that fills up: writes past `nbytes` in one file fail with EFBIG (SIGXFSZ ignored)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_failed_resave_leaves_the_previous_folder_unchanged(tmp_path, monkeypatch):
+    old, new = make_student("mnist_cnn", seed=0), make_student("mnist_cnn", seed=1)
+    x = sample_input(old)
+    folder = save_student(old, tmp_path / "student", card={"notes": "old"})
+    before = folder_bytes(folder)
+
+    # The disk fills up while the weights are written, after the config (new class names) is out: a mixed folder
+    # would load the old weights under the new config without a word.
+    labels = {"notes": "new", "label_names": [f"digit {i}" for i in range(10)]}
+    with file_size_limit(len(before["model.safetensors"]) // 2), pytest.raises(Exception, match="File too large"):
+        save_student(new, folder, card=labels)
+    assert folder_bytes(folder) == before  # all old: no new config with old weights, no half-written file
+    # An error after the weights are out: the card template cannot be read.
+    with monkeypatch.context() as patch, pytest.raises(FileNotFoundError, match="no-template.md"):
+        patch.setattr(hf_kdsearch.hub, "CARD_TEMPLATE", tmp_path / "no-template.md")
+        save_student(new, folder, card={"notes": "new"})
+
+    assert folder_bytes(folder) == before  # all old: no new config with old weights, no half-written file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]  # no temporary folder left beside it
+    with torch.no_grad():
+        assert torch.equal(load_student(folder).eval()(x), old.eval()(x))
+
+
+def test_resave_replaces_the_student_keeps_other_files_and_cleans_stale_temporaries(tmp_path):
+    old, new = make_student("mnist_mlp", seed=0), make_student("mnist_mlp", seed=1)
+    x = sample_input(old)
+    folder = save_student(old, tmp_path / "student", files=[tiny_png(tmp_path / "plot.png")])
+    (folder / "my_notes.txt").write_text("mine")
+    # What a save killed on this host leaves: a temporary folder named after a process that no longer runs.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".student.tmp-{socket.gethostname()}-{dead.pid}-dead"
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
+
+    save_student(new, folder, card={"notes": "second"})
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png", "student"]
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["README.md", "config.json", "model.safetensors", "my_notes.txt", "plot.png"]
+    assert (folder / "my_notes.txt").read_text() == "mine" and "second" in (folder / "README.md").read_text()
+    with torch.no_grad():
+        assert torch.equal(load_student(folder).eval()(x), new.eval()(x))
+
+
+def test_the_working_directory_is_not_replaced(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.txt").write_text("mine")
+    for target in (".", str(tmp_path.parent)):
+        with pytest.raises(ValueError, match="current working directory.*pass a subfolder"):
+            save_student(make_student("mnist_mlp"), target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+    assert (save_student(make_student("mnist_mlp"), "student") / "config.json").is_file()
+
+
+def test_non_finite_weights_are_refused_unless_allowed(tmp_path):
+    model = make_student("mnist_mlp")
+    with torch.no_grad():
+        model.fc.weight[0, 0] = float("nan")
+        model.fc.bias[1] = float("inf")
+    with pytest.raises(ValueError, match=r"non-finite weights.*fc.weight \(1 of 190\).*allow_non_finite=True"):
+        save_student(model, tmp_path / "nan")
+    assert not (tmp_path / "nan").exists()
+    with pytest.raises(ValueError, match="non-finite"):
+        push_student(model, "user/nan")  # refused before the push, offline or not
+    folder = save_student(model, tmp_path / "nan", allow_non_finite=True)
+    assert torch.isnan(load_student(folder).fc.weight[0, 0])
+
+
 # ----------------------------------------------------------------------------------------------- hub errors
-def test_push_offline_names_the_variable_and_suggests_save_student(monkeypatch, tmp_path):
+def test_push_offline_saves_locally_first_and_names_the_folder(monkeypatch, tmp_path):
+    # Local first, then the Hub: the failed push names the folder it saved, and that folder is the student.
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(HubUnavailableError, match=r"HF_HUB_OFFLINE=1 is set.*save_student"):
-        push_student(make_student("mnist_mlp"), "user/offline")
+    model = make_student("mnist_mlp")
+    x = sample_input(model)
+    with pytest.raises(HubUnavailableError, match=r"HF_HUB_OFFLINE is set.*student was saved to '([^']+)'") as info:
+        push_student(model, "user/offline", card={"teacher": "t"})
+    folder = re.search(r"student was saved to '([^']+)'", str(info.value)).group(1)
+    assert f"hf upload user/offline {folder}" in str(info.value)
+    with torch.no_grad():
+        assert torch.equal(load_student(folder).eval()(x), model(x))
+    assert "hf-hub:user/offline" in (Path(folder) / "README.md").read_text()
+    shutil.rmtree(Path(folder).parent)
+
+    # With save_directory the local copy goes where the caller says, and the error names it.
+    with pytest.raises(HubUnavailableError, match=re.escape(str(tmp_path / "kept"))):
+        push_student(model, "user/offline", save_directory=tmp_path / "kept")
+    with torch.no_grad():
+        assert torch.equal(load_student(tmp_path / "kept").eval()(x), model(x))
     with pytest.raises(HubUnavailableError, match="HF_HUB_OFFLINE"):
         load_student("user/never-downloaded-student")
 
 
-def test_push_to_unreachable_endpoint_names_hf_endpoint(monkeypatch):
+def test_push_to_unreachable_endpoint_names_hf_endpoint(monkeypatch, tmp_path):
     with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     endpoint = f"http://127.0.0.1:{port}"
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-    with pytest.raises(HubUnavailableError, match=rf"HF_ENDPOINT={endpoint} could not be reached.*save_student"):
-        push_student(make_student("mnist_mlp"), "user/unreachable")
+    with pytest.raises(HubUnavailableError, match=rf"HF_ENDPOINT={endpoint} could not be reached.*student was saved"):
+        push_student(make_student("mnist_mlp"), "user/unreachable", save_directory=tmp_path / "kept")
+
+
+def push_in_thread(limit: float, **kwargs) -> tuple[BaseException | None, float]:
+    """Run push_student in a daemon thread; fail the test if it has not returned after `limit` seconds."""
+    outcome: dict = {}
+
+    def push() -> None:
+        started = time.monotonic()
+        try:
+            push_student(make_student("mnist_mlp"), "user/silent", **kwargs)
+        except BaseException as err:  # noqa: B036 (handed to the test thread)
+            outcome["error"] = err
+        outcome["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=push, daemon=True)
+    thread.start()
+    thread.join(limit)
+    if thread.is_alive():
+        pytest.fail(f"push_student had not returned after {limit} s: the push is not bounded")
+    return outcome.get("error"), outcome["seconds"]
+
+
+def test_push_to_a_server_that_never_answers_times_out(monkeypatch, tmp_path):
+    # The server completes the TCP handshake (listen backlog) but never reads nor answers.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+
+        monkeypatch.setenv("HF_KDSEARCH_PUSH_TIMEOUT", "1")  # the environment sets the default
+        error, seconds = push_in_thread(30)
+        assert isinstance(error, HubUnavailableError), repr(error)
+        assert re.search(rf"HF_ENDPOINT={endpoint} did not answer within 1 s.*HF_KDSEARCH_PUSH_TIMEOUT", str(error))
+        folder = Path(re.search(r"student was saved to '([^']+)'", str(error)).group(1))
+        assert (folder / "model.safetensors").is_file()
+        shutil.rmtree(folder.parent)  # the temporary folder a failed push keeps
+        assert seconds < 20
+
+        error, seconds = push_in_thread(30, timeout=0.5, save_directory=tmp_path / "kept")  # the argument wins
+        assert f"student was saved to {str(tmp_path / 'kept')!r}" in str(error)
+        assert isinstance(error, HubUnavailableError) and "within 0.5 s" in str(error), repr(error)
+        assert seconds < 20
+    with pytest.raises(ValueError, match="timeout must be a finite number of seconds > 0, got 0"):
+        push_student(make_student("mnist_mlp"), "user/x", timeout=0)
 
 
 # ----------------------------------------------------------------------------------------------- push and pull
@@ -253,6 +441,16 @@ with torch.no_grad():
         "load_student": hf_kdsearch.load_student("user/tiny-student").eval()(x),
         "load_teacher": hf_kdsearch.load_teacher("user/tiny-student").eval()(x),
     }
+    # A transformers repo loads through the same resolver, with the Auto class.
+    pixels = torch.zeros(1, 3, 32, 32)
+    out["hf_repo"] = {
+        load.__name__: load("user/hf-resnet").eval()(pixel_values=pixels).logits
+        for load in (hf_kdsearch.load_student, hf_kdsearch.load_teacher)
+    }
+try:
+    hf_kdsearch.load_student("user/no-such-student")
+except FileNotFoundError as err:
+    out["missing"] = str(err)
 torch.save(out, sys.argv[2])
 """
 
@@ -282,7 +480,10 @@ def test_push_then_pull_through_loopback_hub(tmp_path):
 
     with LoopbackHub(timeout=400) as hub:
         push_env = hub.env(tmp_path / "hf_push")
+        (tmp_path / "tmpdir").mkdir()
+        push_env["TMPDIR"] = str(tmp_path / "tmpdir")  # where push_student keeps its local copy
         out = run_python(PUSH, tmp_path / "model.pt", json.dumps(card), plot, env=push_env)
+        assert not list((tmp_path / "tmpdir").glob("hf_kdsearch_push_*"))  # removed after the successful pushes
         assert out.split("URLS")[1].split() == [f"{hub.endpoint}/user/tiny-student"] * 2
 
         files = hub.files("user/tiny-student")
@@ -296,10 +497,20 @@ def test_push_then_pull_through_loopback_hub(tmp_path):
         assert files["widths.png"] == plot.read_bytes()
 
         # A fresh process with an empty cache downloads everything from the server.
+        resnet = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1])).eval()
+        resnet.save_pretrained(tmp_path / "hf_resnet")
+        hub.upload("user/hf-resnet", {p.name: p.read_bytes() for p in (tmp_path / "hf_resnet").iterdir()})
         run_python(PULL, tmp_path / "x.pt", tmp_path / "out.pt", env=hub.env(tmp_path / "hf_pull"))
         assert ("HEAD", "/user/tiny-student/resolve/main/model.safetensors") in hub.requests
 
     pulled = torch.load(tmp_path / "out.pt")
+    with torch.no_grad():
+        resnet_logits = resnet(pixel_values=torch.zeros(1, 3, 32, 32)).logits
+    for loader, logits in pulled.pop("hf_repo").items():
+        assert torch.equal(logits, resnet_logits), loader
+    assert re.search(
+        rf"'user/no-such-student'.*Hub at HF_ENDPOINT={hub.endpoint} has no such model repo", pulled.pop("missing")
+    )
     for loader, logits in pulled.items():
         assert torch.equal(logits, expected), loader
     assert not hub.running
@@ -352,6 +563,8 @@ def test_load_teacher_errors_are_clear(monkeypatch, tmp_path):
         load_teacher("test_resnet", not_an_argument=1)
 
 
-def test_package_exports():
-    assert {"save_student", "push_student", "load_student"} <= set(hf_kdsearch.__all__)
-    assert hf_kdsearch.save_student is save_student
+def test_package_exports_the_hub_module_api():
+    # Every public name of hub.py is reachable from the package root, as the same object.
+    public = set(hf_kdsearch.hub.__all__) - {"CARD_KEYS"}
+    assert public <= set(hf_kdsearch.__all__)
+    assert all(getattr(hf_kdsearch, name) is getattr(hf_kdsearch.hub, name) for name in public)
