@@ -146,7 +146,7 @@ class HandLoop:
                     t = self.teacher(x)
             s = self.student(x)
         ce = F.cross_entropy(s.float(), y)
-        loss = ALPHA * kd_loss(s, t, TEMPERATURE) + (1 - ALPHA) * ce if self.distill else ce
+        loss = ALPHA * kd_loss(s, teacher_logits=t, temperature=TEMPERATURE) + (1 - ALPHA) * ce if self.distill else ce
         loss.backward()
         return loss
 

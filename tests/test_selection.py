@@ -382,7 +382,7 @@ def test_gradient_accumulation_selects_per_micro_batch(tmp_path):
         with torch.no_grad():
             keep = torch.argsort(uncertainty_scores(init(x)), descending=True, stable=True)[:4]
             t = teacher(x[keep])
-        losses.append(kd_loss(init(x[keep]), t, 4.0))
+        losses.append(kd_loss(init(x[keep]), teacher_logits=t, temperature=4.0))
     (sum(losses) / 2).backward()
     with torch.no_grad():
         for p in init.parameters():
