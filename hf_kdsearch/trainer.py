@@ -35,7 +35,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.training_args import ParallelMode
 
-from .batch import LOSS_KEYS, batch_size, forward_model, logits_of, num_classes, takes_keywords
+from .batch import LOSS_KEYS, batch_size, forward_model, logits_of, num_classes, takes_keywords, unwrap
 from .fastpath import setup_fast_path
 from .losses import kd_loss, mixed_cross_entropy
 from .teacher import Teacher, TeacherAccuracyCheck, TeacherSource, image_stats
@@ -440,11 +440,19 @@ class DistillationMixin(LossMetricsMixin):
         tags = kwargs.get("tags")
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         kwargs["tags"] = [*tags, *(t for t in ("knowledge-distillation", "hf_kdsearch") if t not in tags)]
-        super().create_model_card(*args, **kwargs)
         path = os.path.join(self.args.output_dir, "README.md")
+        from huggingface_hub import ModelCard, ModelCardData
+
+        if hasattr(unwrap(self.model), "config"):
+            super().create_model_card(*args, **kwargs)
+        elif self.is_world_process_zero():
+            # The Trainer's card reads `model.config`, which timm models and plain modules do not have.
+            name = kwargs.get("model_name") or os.path.basename(os.path.abspath(self.args.output_dir))
+            data = ModelCardData(tags=kwargs["tags"], library_name="hf_kdsearch")
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {name}\n").save(path)
         if not self.is_world_process_zero() or not os.path.isfile(path):
             return
-        from huggingface_hub import ModelCard
 
         info = self.distillation_card()
         card = ModelCard.load(path)
