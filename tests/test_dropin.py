@@ -342,3 +342,92 @@ def test_the_trainer_card_tells_the_distillation(tmp_path, digits, digits_teache
         assert needle in section, needle
     assert card.data.distillation["temperature"] == 3.0 and card.data.distillation["teacher"] == str(folder)
     assert "knowledge-distillation" in card.data.tags
+
+
+# ---- two lines in a Hugging Face example script ----------------------------------------------------------------------
+SCRIPT = Path(__file__).parent / "scripts" / "run_image_classification.py"
+TWO_LINES = {
+    "from transformers import Trainer\n": "from hf_kdsearch import DistillationTrainer as Trainer\n",
+    "from transformers import TrainingArguments\n": (
+        "from hf_kdsearch import DistillationArguments as TrainingArguments\n"
+    ),
+}
+LEVELS = (0.15, 0.5, 0.85)  # three classes of images told apart by their brightness, whatever the crop or flip
+
+
+def brightness_images(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % len(LEVELS)
+    images = torch.tensor(LEVELS)[labels].view(n, 1, 1, 1) + 0.1 * (2 * torch.rand(n, 3, 32, 32, generator=g) - 1)
+    return images.clamp(0, 1), labels
+
+
+@pytest.mark.slow  # a subprocess that imports transformers and datasets: ~20-60 s on 2 busy cores
+def test_the_example_script_distils_with_two_changed_lines(tmp_path):
+    import difflib
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    # Data: an image folder of PNGs, as the example reads it.
+    images, labels = brightness_images(48, seed=0)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = tmp_path / "data" / f"level{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    # Teacher: a timm model trained on its own (CIFAR) statistics, saved as a folder.
+    teacher = cifar(num_classes=3, seed=1)
+    mean = torch.tensor(teacher.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(teacher.pretrained_cfg["std"]).view(1, 3, 1, 1)
+    x, y = brightness_images(96, seed=1)
+    opt = torch.optim.Adam(teacher.parameters(), 1e-2)
+    for _ in range(15):
+        loss = F.cross_entropy(teacher((x - mean) / std), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    teacher.eval()
+    with torch.no_grad():
+        assert (teacher((images - mean) / std).argmax(-1) == labels).float().mean() > 0.9
+        # Fed the student's input as is (raw pixels), it would confuse the dark class with the middle one.
+        assert (teacher(images).argmax(-1) == labels).float().mean() < 0.7
+    save_student(teacher, tmp_path / "teacher")
+    # Student: a transformers model whose image processor feeds it raw [0, 1] pixels, not the teacher's statistics.
+    tiny_resnet(seed=0, num_labels=3).save_pretrained(tmp_path / "student")
+    processor = ViTImageProcessor(image_mean=[0.0] * 3, image_std=[1.0] * 3, size={"height": 32, "width": 32})
+    processor.save_pretrained(tmp_path / "student")
+
+    source = SCRIPT.read_text()
+    patched = source
+    for old, new in TWO_LINES.items():
+        assert source.count(old) == 1
+        patched = patched.replace(old, new)
+    changed = [d for d in difflib.ndiff(source.splitlines(), patched.splitlines()) if d[:1] in "+-"]
+    assert len(changed) == 4  # two lines out, two lines in
+    script = tmp_path / "run_distillation.py"
+    script.write_text(patched)
+
+    out = tmp_path / "out"
+    command = [sys.executable, str(script), "--model_name_or_path", tmp_path / "student", "--train_dir"]
+    command += [tmp_path / "data", "--output_dir", out, "--do_train", "--do_eval", "--max_steps", "2"]
+    command += ["--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16", "--use_cpu"]
+    command += ["--remove_unused_columns", "False", "--report_to", "none", "--save_strategy", "no"]
+    command += ["--logging_steps", "1", "--teacher_model_name_or_path", tmp_path / "teacher"]
+    command += ["--alpha", "0.5", "--temperature", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    proc = subprocess.run(list(map(str, command)), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    train_logs = [h for h in history if "loss" in h]
+    assert len(train_logs) == 2 and all("loss_kd" in h and "loss_ce" in h for h in train_logs)
+    assert train_logs[0]["teacher_accuracy"] > 0.9  # re-normalised from the student's processor to the teacher's cfg
+    evaluation = json.loads((out / "eval_results.json").read_text())
+    assert {"eval_loss", "eval_loss_kd", "eval_loss_ce", "eval_accuracy"} <= set(evaluation)
+    card = (out / "README.md").read_text()
+    assert "## Distillation" in card and str(tmp_path / "teacher") in card
+    assert "| Temperature T | 2 |" in card and "| alpha (weight of the KD term) | 0.5 |" in card
