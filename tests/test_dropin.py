@@ -431,3 +431,47 @@ def test_the_example_script_distils_with_two_changed_lines(tmp_path):
     card = (out / "README.md").read_text()
     assert "## Distillation" in card and str(tmp_path / "teacher") in card
     assert "| Temperature T | 2 |" in card and "| alpha (weight of the KD term) | 0.5 |" in card
+
+
+# ---- beyond images ---------------------------------------------------------------------------------------------------
+def tiny_bert(seed, num_labels=2):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=num_labels,
+    )
+    return BertForSequenceClassification(config)
+
+
+def test_a_text_classifier_distils_through_the_same_trainer(tmp_path, caplog):
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 50, (48, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[::2, 8:] = 0  # padded sequences
+    labels = (ids[:, 1] % 2).tolist()
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels})
+    student, teacher = tiny_bert(0), tiny_bert(1)
+    seen = []
+    teacher.register_forward_pre_hook(lambda m, a, k: seen.append(sorted(k)), with_kwargs=True)
+    before = params_of(student)
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=tiny_args(tmp_path), train_dataset=data, eval_dataset=data
+    )
+    with caplog.at_level(logging.WARNING, logger="hf_kdsearch"):
+        trainer.train()
+    metrics = trainer.evaluate()
+    assert seen[0] == ["attention_mask", "input_ids"]  # no labels, no pixel_values
+    assert all(not torch.equal(v, before[k]) for k, v in params_of(student).items() if "classifier" in k)
+    for h in (h for h in trainer.state.log_history if "loss" in h):
+        assert h["loss"] == pytest.approx(h["loss_kd"] + h["loss_ce"], rel=1e-5)
+    assert metrics["eval_loss_ce"] == pytest.approx(0.1 * metrics["eval_loss"], rel=1e-4)
+    assert not any("input statistics" in r.getMessage() for r in caplog.records)  # normalisation is image-only
