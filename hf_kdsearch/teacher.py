@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -373,16 +373,23 @@ class TeacherAccuracyCheck:
         self._label_counts = counts if self._label_counts is None else self._label_counts + counts
         self.num_classes = logits.shape[-1]
 
-    def result(self) -> float | None:
-        """The accuracy (None when no sample was checked); raises `TeacherCheckError` on a failed check."""
+    def result(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float | None:
+        """The accuracy (None when no sample was checked); raises `TeacherCheckError` on a failed check.
+
+        `reduce` sums a tensor over processes (`lambda t: accelerator.reduce(t, "sum")`), so that every rank judges
+        the same counts and reaches the same verdict: a rank that stopped alone would leave the others waiting.
+        """
         if self._correct is None:
             return None
-        counts = self._label_counts.tolist()
+        totals = torch.cat([self._correct.view(1), self._label_counts])
+        if reduce is not None:
+            totals = reduce(totals)
+        correct, *counts = totals.tolist()
         n = sum(counts)
         if n == 0:
             return None
         self.samples = n
-        accuracy = float(self._correct.item()) / n
+        accuracy = correct / n
         chance = max(1.0 / self.num_classes, max(counts) / n)
         near_chance = max(chance + 2 * math.sqrt(chance * (1 - chance) / n), chance + 0.1 * (1 - chance))
         problem = None

@@ -410,7 +410,10 @@ class DistillationMixin(LossMetricsMixin):
         if self._loss_terms.micro_batches + 1 < steps:
             return  # more micro-batches of the first step to come; the decision still precedes its optimizer step
         self._accuracy_check = None
-        self.teacher_accuracy = check.result()
+        reduce = None
+        if self.accelerator.num_processes > 1:
+            reduce = lambda t: self.accelerator.reduce(t, reduction="sum")  # one collective, once per run
+        self.teacher_accuracy = check.result(reduce)
         if self.teacher_accuracy is not None:
             self.record_metric("teacher_accuracy", self.teacher_accuracy, "train")
 
