@@ -168,6 +168,10 @@ class LossMetricsMixin:
         else:
             self._loss_terms.add_eval_batch(terms, samples)
 
+    def train(self, *args, **kwargs):
+        self._loss_terms = _LossTerms()  # nothing left over from a run that stopped inside an accumulation step
+        return super().train(*args, **kwargs)
+
     def evaluation_loop(self, *args, **kwargs):
         output = super().evaluation_loop(*args, **kwargs)
         for name, value in self._loss_terms.eval_means().items():
@@ -254,6 +258,12 @@ class DistillationMixin(LossMetricsMixin):
             )
         if teacher_model is self.model:
             raise ValueError("teacher_model is the student object itself; pass a separate (e.g. deep-copied) teacher")
+        if isinstance(teacher_model, nn.Module):  # before freezing the teacher, which would freeze shared weights too
+            student_params = {p.data_ptr() for p in self.model.parameters()}
+            if any(p.data_ptr() in student_params for p in teacher_model.parameters()):
+                raise ValueError(
+                    "teacher_model shares parameters with the student; distil from a separate copy (copy.deepcopy)"
+                )
         self.teacher: Teacher | None = None
         if teacher_model is not None:
             self.teacher = Teacher(
@@ -265,11 +275,6 @@ class DistillationMixin(LossMetricsMixin):
                 channels_last=self._arg("channels_last", False),
                 check_finite=self._arg("check_teacher_finite", True),
             )
-            student_params = {p.data_ptr() for p in self.model.parameters()}
-            if any(p.data_ptr() in student_params for p in self.teacher.module.parameters()):
-                raise ValueError(
-                    "teacher_model shares parameters with the student; distil from a separate copy (copy.deepcopy)"
-                )
             student_stats = image_stats(
                 self.model, mean=self._arg("image_mean", None), std=self._arg("image_std", None)
             )

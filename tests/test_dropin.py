@@ -475,3 +475,10 @@ def test_a_text_classifier_distils_through_the_same_trainer(tmp_path, caplog):
         assert h["loss"] == pytest.approx(h["loss_kd"] + h["loss_ce"], rel=1e-5)
     assert metrics["eval_loss_ce"] == pytest.approx(0.1 * metrics["eval_loss"], rel=1e-4)
     assert not any("input statistics" in r.getMessage() for r in caplog.records)  # normalisation is image-only
+
+
+def test_a_refused_shared_teacher_leaves_the_student_trainable(tmp_path):
+    student = cifar()
+    with pytest.raises(ValueError, match="shares parameters"):
+        DistillationTrainer(model=student, teacher_model=nn.Sequential(student), args=tiny_args(tmp_path))
+    assert all(p.requires_grad for p in student.parameters())
