@@ -28,7 +28,7 @@ from .selection import (
     uncertainty_scores,
     unix_cost_ratio,
 )
-from .teacher import TeacherLoadError, load_teacher
+from .teacher import Teacher, TeacherCheckError, TeacherLoadError, TeacherSource, load_teacher
 from .trainer import (
     ClassificationTrainer,
     DistillationCallback,
@@ -83,7 +83,10 @@ __all__ = [
     "select_uncertain",
     "Selection",
     "soft_target_cross_entropy",
+    "Teacher",
+    "TeacherCheckError",
     "TeacherLoadError",
+    "TeacherSource",
     "TensorImageDataset",
     "to_uint8_tensors",
     "TopKAccuracy",

@@ -24,6 +24,13 @@ class DistillationArguments(TrainingArguments):
     arXiv 1503.02531). Published conventions: CRD/RepDistiller CIFAR-100 uses alpha 0.9, T 4; UNIX uses alpha 1, T 4.
     """
 
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "The teacher, when the trainer is not given teacher_model=: a local folder (timm or transformers "
+            "format), a Hub id, or a timm name with pretrained weights."
+        },
+    )
     temperature: float = field(default=4.0, metadata={"help": "Softmax temperature T of the KD loss; must be > 0."})
     alpha: float = field(
         default=0.9,
@@ -37,6 +44,25 @@ class DistillationArguments(TrainingArguments):
         },
     )
     teacher_compile: bool = field(default=False, metadata={"help": "torch.compile the teacher's forward."})
+    teacher_image_mean: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Per-channel mean of [0, 1] images the teacher was trained with, when neither its timm "
+            "pretrained_cfg nor an image processor saved with it says. The student's images are re-normalised into "
+            "the teacher's statistics before the teacher sees them."
+        },
+    )
+    teacher_image_std: list[float] | None = field(
+        default=None, metadata={"help": "Per-channel std the teacher was trained with; goes with teacher_image_mean."}
+    )
+    check_teacher_accuracy: bool = field(
+        default=True,
+        metadata={
+            "help": "At the start of training, measure the teacher's accuracy on the first optimizer step's batches "
+            "(the logits the loss needs anyway: no extra forward) and stop with an error naming the likely causes "
+            "when it is near chance or far below the accuracy its model card reports. Logged as teacher_accuracy."
+        },
+    )
     check_teacher_finite: bool = field(
         default=True,
         metadata={
@@ -64,13 +90,14 @@ class DistillationArguments(TrainingArguments):
     image_mean: list[float] | None = field(
         default=None,
         metadata={
-            "help": "Per-channel mean of [0, 1] images for device_augment's normalisation. Default: the student's "
-            "timm pretrained_cfg mean."
+            "help": "Per-channel mean of [0, 1] images the student is fed: device_augment normalises with it, and "
+            "the teacher's input is re-normalised from it. Default: the student's timm pretrained_cfg mean, or its "
+            "image processor's image_mean."
         },
     )
     image_std: list[float] | None = field(
         default=None,
-        metadata={"help": "Per-channel std for device_augment's normalisation. Default: the student's pretrained_cfg."},
+        metadata={"help": "Per-channel std the student is fed; goes with image_mean. Default as for image_mean."},
     )
     channels_last: bool = field(
         default=False,
@@ -92,6 +119,15 @@ class DistillationArguments(TrainingArguments):
             )
         if self.image_std is not None and any(s <= 0 for s in self.image_std):
             raise ValueError(f"image_std must be > 0 in every channel, got image_std={self.image_std!r}")
+        if (self.teacher_image_mean is None) != (self.teacher_image_std is None) or (
+            self.teacher_image_mean is not None and len(self.teacher_image_mean) != len(self.teacher_image_std)
+        ):
+            raise ValueError(
+                "teacher_image_mean and teacher_image_std go together, one value per channel each; got "
+                f"teacher_image_mean={self.teacher_image_mean!r}, teacher_image_std={self.teacher_image_std!r}"
+            )
+        if self.teacher_image_std is not None and any(s <= 0 for s in self.teacher_image_std):
+            raise ValueError(f"teacher_image_std must be > 0 in every channel, got {self.teacher_image_std!r}")
         if not (isinstance(self.alpha, int | float) and 0.0 <= self.alpha <= 1.0):
             raise ValueError(f"alpha must lie in [0, 1] (it weights the KD term against CE), got alpha={self.alpha!r}")
         if not (isinstance(self.temperature, int | float) and math.isfinite(self.temperature) and self.temperature > 0):

@@ -325,10 +325,12 @@ def ensemble_loss_terms(
     for j, adapted in enumerate(adapted_features, start=1):
         if len(adapted) != len(pseudo_teacher):
             raise ValueError(f"student {j} has {len(adapted)} adapted stage outputs, student 0 {len(pseudo_teacher)}")
-        feature_terms += [feature_mse(a, t) for a, t in zip(adapted, pseudo_teacher)]
+        feature_terms += [feature_mse(a, teacher_features=t) for a, t in zip(adapted, pseudo_teacher)]
     terms["int"] = torch.stack(feature_terms).sum()
     ensemble_teacher = torch.stack([z.detach().float() for z in student_logits]).mean(0)
-    terms["kd"] = torch.stack([kd_loss(z, ensemble_teacher, temperature) for z in student_logits]).sum()
+    terms["kd"] = torch.stack(
+        [kd_loss(z, teacher_logits=ensemble_teacher, temperature=temperature) for z in student_logits]
+    ).sum()
     return terms
 
 

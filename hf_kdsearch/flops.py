@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .trainer import forward_model
+from .batch import forward_model
 
 __all__ = ["count_flops"]
 

@@ -12,8 +12,11 @@ import torch.nn.functional as F
 __all__ = ["kd_loss", "soft_target_cross_entropy", "mixed_cross_entropy", "feature_mse"]
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+def kd_loss(student_logits: torch.Tensor, *, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
     """Hinton et al.'s soft-target loss, `T^2 * KL(softmax(t / T) || softmax(s / T))`.
+
+    `teacher_logits` is keyword-only: the two tensors look alike, and swapping them would silently send the gradient
+    into the (detached) teacher side, so the student would learn nothing.
 
     The KL is summed over classes and averaged over samples (any leading dimensions count as samples). The T^2 factor
     keeps the gradient scale of the soft targets independent of T (arXiv 1503.02531, section 2).
@@ -60,6 +63,6 @@ def mixed_cross_entropy(
     return ((1 - m) * ce + m * ce_mix).mean()
 
 
-def feature_mse(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between feature maps, with the target detached."""
+def feature_mse(student_features: torch.Tensor, *, teacher_features: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between feature maps, with the target detached (`teacher_features` is keyword-only)."""
     return F.mse_loss(student_features.float(), teacher_features.detach().float())

@@ -1,41 +1,70 @@
-"""The teacher: loading, freezing, placement under Accelerate, and input re-normalisation.
+"""The teacher: one object that loads, freezes, places, checks and asks the teacher.
 
-The teacher is frozen structurally (STYLE.md, habit 4): it lives outside the trained model, its parameters do not
-require grad, its `train()` is locked to eval mode, it runs under `no_grad`, Accelerate places and autocasts it without
-a DDP wrapper, and it never enters a checkpoint because the Trainer only saves `trainer.model`.
+`Teacher` is what `DistillationMixin` holds. It
+
+- loads a teacher named by a string (`load_teacher`: a local folder, a Hub id or a timm name);
+- freezes it: its parameters do not require grad, it runs in eval mode (enforced at every call, since the Trainer
+  calls `model.train()` on whatever it finds), under `no_grad`, and it never enters a checkpoint because the Trainer
+  only saves `trainer.model`;
+- knows its call style (keywords for transformers models, one positional tensor for timm) and its input statistics
+  (`ImageStats`: from explicit arguments, timm's `pretrained_cfg`, or a transformers image processor), and
+  re-normalises the student's images into its own (`Teacher.adapt`);
+- prepares itself on first use under Accelerate (`accelerator.prepare_model(teacher, evaluation_mode=True)`: placed,
+  autocast under bf16/fp16 with fp32 outputs, no DDP wrapper);
+- checks its answers: the class count, finite logits (blaming the input batch when that is what holds the NaN), and
+  its accuracy on the first training batches (`TeacherAccuracyCheck`);
+- answers `logits(batch)`.
+
+`TeacherSource` is the interface the trainer relies on, two methods; anything else that produces teacher logits for a
+batch (a cache of precomputed logits, say) can stand in for a `Teacher` by implementing it.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-__all__ = ["TeacherLoadError", "load_teacher", "freeze_teacher", "prepare_teacher", "input_normalization"]
+from .batch import forward_model, logits_of, num_classes, takes_keywords, unwrap
+
+__all__ = [
+    "TeacherLoadError",
+    "TeacherCheckError",
+    "TeacherSource",
+    "Teacher",
+    "ImageStats",
+    "TeacherAccuracyCheck",
+    "image_stats",
+    "load_teacher",
+    "freeze_teacher",
+    "prepare_teacher",
+    "input_normalization",
+]
+
+logger = logging.getLogger(__name__)
 
 
 class TeacherLoadError(RuntimeError):
     """The teacher named by a string could not be loaded."""
 
 
-def _is_timm_config(config: dict) -> bool:
-    return "architecture" in config and "model_type" not in config
+class TeacherCheckError(RuntimeError):
+    """The teacher's accuracy on the first training batches says it does not understand its input."""
 
 
 def load_teacher(name_or_path: str, **kwargs: Any) -> nn.Module:
-    """Load a teacher from a local folder, a Hub id, or a timm name.
+    """Load a teacher from a local folder, a Hub id, or a timm name with pretrained weights (`loading.load_model`).
 
-    - A local folder written by timm (`config.json` with `architecture`) or by `save_student` loads with
-      `timm.create_model("local-dir:...")`; any other folder with `AutoModelForImageClassification`.
-    - `hf-hub:<repo>` and `timm/<name>` load with timm.
-    - A bare timm name (`resnet18.a1_in1k`) loads timm's pretrained weights; a name without any (every `cifar_*` and
-      `mnist_*` architecture) is an error, since a randomly initialised teacher would teach noise.
-    - Another Hub id is inspected: a timm repo loads with timm, a transformers repo with the Auto class.
-
-    Offline, or when the Hub cannot be reached or has no such repo, a `TeacherLoadError` says so and suggests a
-    local path. Other errors (a wrong keyword argument, mismatched weights) propagate unchanged.
+    A timm architecture without weights (every `cifar_*` and `mnist_*` name) is refused, since a randomly initialised
+    teacher would teach noise. A missing folder, an unreachable Hub or an unknown format is a `TeacherLoadError` that
+    says which, and suggests a local path.
     """
     from .loading import HubUnavailableError, ModelLoadError, ModelNotFoundError, load_model
 
@@ -52,7 +81,7 @@ FROZEN_FLAG = "_hf_kdsearch_frozen_teacher"
 def freeze_teacher(teacher: nn.Module) -> nn.Module:
     """Put `teacher` in eval mode and stop gradients into its parameters. Returns the same object.
 
-    Eval mode is also enforced at every use (`DistillationMixin.teacher_logits`), rather than by overriding the
+    Eval mode is also enforced at every use (`Teacher.logits`), rather than by overriding the
     teacher's `train()`: an override would follow the object into `copy.deepcopy`, and a student copied from a used
     teacher would silently never train.
     """
@@ -108,25 +137,371 @@ def _prepare_deepspeed_teacher(teacher: nn.Module, accelerator, plugin) -> nn.Mo
     return engine
 
 
-def _pretrained_cfg(model: nn.Module) -> dict | None:
-    model = getattr(model, "module", model)
-    cfg = getattr(model, "pretrained_cfg", None)
-    return cfg if isinstance(cfg, dict) and "mean" in cfg and "std" in cfg else None
+# ---- the interface the trainer relies on ----------------------------------------------------------------------------
+@runtime_checkable
+class TeacherSource(Protocol):
+    """What `DistillationMixin` asks of a teacher: two methods.
 
+    - `prepare(accelerator)`: called by the trainer on first use, once Accelerate is set up (not in `__init__`: the
+      Trainer prepares the student for `evaluate()` only while Accelerate holds no model). Idempotent.
+    - `logits(batch) -> Tensor`: the teacher's `(N, C)` logits for a batch dict (model inputs plus `labels` and the
+      other `LOSS_KEYS`), float, on the batch's device, with no gradient.
 
-def input_normalization(student: nn.Module, teacher: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Scale and shift that turn the student's normalised input into the teacher's, or None when they agree.
-
-    Both timm models carry `pretrained_cfg["mean"/"std"]`. With `x_s = (x - m_s) / s_s` the teacher wants
-    `x_t = (x - m_t) / s_t = x_s * (s_s / s_t) + (m_s - m_t) / s_t`, one fused multiply-add per channel.
+    `Teacher` implements it around a live model; a cache of precomputed logits implements it the same way.
     """
-    s_cfg, t_cfg = _pretrained_cfg(student), _pretrained_cfg(teacher)
-    if s_cfg is None or t_cfg is None:
+
+    def prepare(self, accelerator: Any) -> None: ...
+
+    def logits(self, batch: Mapping[str, Any]) -> torch.Tensor: ...
+
+
+# ---- input statistics -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageStats:
+    """Per-channel mean and std a model's images are normalised with (`x = (pixels - mean) / std`, pixels in [0, 1]),
+    and where they were found (for messages)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str
+
+    def __post_init__(self):
+        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
+            raise ValueError(
+                f"image statistics need one mean and one std > 0 per channel; got mean={self.mean} std={self.std} "
+                f"(from {self.source})"
+            )
+
+
+def _model_name_or_path(model: nn.Module) -> str | None:
+    config = getattr(unwrap(model), "config", None)
+    name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    return name or None
+
+
+def _processor_stats(name_or_path: str) -> ImageStats | None:
+    """`image_mean`/`image_std` of the transformers image processor saved with a model (folder or Hub id)."""
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(name_or_path)
+    # No preprocessor_config.json, an unknown processor type, or offline without a cached copy: statistics unknown.
+    except (OSError, ValueError, KeyError):
         return None
-    s_mean, s_std = torch.tensor(s_cfg["mean"]), torch.tensor(s_cfg["std"])
-    t_mean, t_std = torch.tensor(t_cfg["mean"]), torch.tensor(t_cfg["std"])
-    if s_mean.shape != t_mean.shape or (torch.equal(s_mean, t_mean) and torch.equal(s_std, t_std)):
+    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+    if mean is None or std is None:
         return None
+    if not getattr(processor, "do_normalize", True):
+        return ImageStats(
+            (0.0,) * len(mean), (1.0,) * len(std), f"image processor of {name_or_path} (no normalisation)"
+        )
+    return ImageStats(tuple(map(float, mean)), tuple(map(float, std)), f"image processor of {name_or_path}")
+
+
+def image_stats(
+    model: nn.Module,
+    *,
+    name_or_path: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> ImageStats | None:
+    """The input statistics `model` expects, or None when nothing says.
+
+    In order: explicit `mean`/`std`; timm's `pretrained_cfg` (also inside DDP, `torch.compile` and transformers'
+    `TimmWrapper`); the transformers image processor saved beside the model (`AutoImageProcessor` on `name_or_path`,
+    else on the folder or Hub id the model was loaded from).
+    """
+    if mean is not None and std is not None:
+        return ImageStats(tuple(map(float, mean)), tuple(map(float, std)), "explicit arguments")
+    inner = unwrap(model)
+    inner = getattr(inner, "timm_model", inner)
+    for cfg in (
+        getattr(inner, "pretrained_cfg", None),
+        getattr(getattr(inner, "config", None), "pretrained_cfg", None),
+    ):
+        if isinstance(cfg, Mapping) and cfg.get("mean") is not None and cfg.get("std") is not None:
+            return ImageStats(tuple(map(float, cfg["mean"])), tuple(map(float, cfg["std"])), "timm pretrained_cfg")
+    for path in dict.fromkeys(p for p in (name_or_path, _model_name_or_path(model)) if p):
+        stats = _processor_stats(path)
+        if stats is not None:
+            return stats
+    return None
+
+
+def input_normalization(
+    student: nn.Module | ImageStats | None, teacher: nn.Module | ImageStats | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Scale and shift that turn the student's normalised input into the teacher's, or None when they agree or one
+    side is unknown.
+
+    With `x_s = (x - m_s) / s_s` the teacher wants `x_t = (x - m_t) / s_t = x_s * (s_s / s_t) + (m_s - m_t) / s_t`,
+    one fused multiply-add per channel. Models are read with `image_stats`.
+    """
+    s = student if isinstance(student, ImageStats | None) else image_stats(student)
+    t = teacher if isinstance(teacher, ImageStats | None) else image_stats(teacher)
+    if s is None or t is None or len(s.mean) != len(t.mean) or (s.mean, s.std) == (t.mean, t.std):
+        return None
+    s_mean, s_std = torch.tensor(s.mean), torch.tensor(s.std)
+    t_mean, t_std = torch.tensor(t.mean), torch.tensor(t.std)
     scale = (s_std / t_std).view(1, -1, 1, 1)
     shift = ((s_mean - t_mean) / t_std).view(1, -1, 1, 1)
     return scale, shift
+
+
+# ---- the teacher's own reported accuracy ----------------------------------------------------------------------------
+def reported_accuracy(name_or_path: str | None) -> float | None:
+    """The top-1 accuracy a teacher's model card reports (its `model-index` results), as a fraction; None if none."""
+    if not name_or_path:
+        return None
+    from huggingface_hub import ModelCard
+
+    path = os.path.join(name_or_path, "README.md") if os.path.isdir(name_or_path) else None
+    if path is not None and not os.path.isfile(path):
+        return None
+    try:
+        card = ModelCard.load(path or name_or_path)
+    # The card is optional metadata: missing, unreachable, offline or malformed all mean "no reported accuracy".
+    except Exception:  # noqa: BLE001
+        return None
+    for result in getattr(card.data, "eval_results", None) or []:
+        if str(result.metric_type).lower() in ("accuracy", "top1", "top-1", "top_1", "acc"):
+            value = float(result.metric_value)
+            return value / 100 if value > 1 else value
+    return None
+
+
+# ---- the accuracy check ---------------------------------------------------------------------------------------------
+class TeacherAccuracyCheck:
+    """The teacher's top-1 accuracy on the first training batches, and a verdict on it.
+
+    `update` adds a batch (on the device, no host sync); `result` syncs once and returns the accuracy, raising
+    `TeacherCheckError` when it is near chance, or far below `reported` (the accuracy the teacher's card gives).
+
+    - Chance is the larger of 1/C and the share of the most frequent label in the checked samples (a teacher that
+      always answers the majority class is at chance too). Near chance: at most chance + 2 standard errors of a
+      chance-level guesser on this many samples, or chance + 10% of the way to 1 when that is larger.
+    - Far below the reported accuracy: more than max(0.2, 3 standard errors) below it.
+
+    With mixup batches (`mix_labels`, `mix_weights`), each sample counts against its dominant label.
+    """
+
+    def __init__(self, *, reported: float | None = None, hint: str = ""):
+        self.reported, self.hint = reported, hint
+        self._correct: torch.Tensor | None = None
+        self._label_counts: torch.Tensor | None = None
+        self.samples = 0
+        self.num_classes = 0
+
+    @staticmethod
+    def applies_to(logits: torch.Tensor, batch: Mapping[str, Any]) -> bool:
+        labels = batch.get("labels")
+        return (
+            isinstance(labels, torch.Tensor)
+            and not labels.is_floating_point()
+            and labels.ndim == 1
+            and logits.ndim == 2
+            and labels.shape[0] == logits.shape[0]
+        )
+
+    def update(self, logits: torch.Tensor, batch: Mapping[str, Any]) -> None:
+        labels = batch["labels"]
+        if batch.get("mix_labels") is not None and batch.get("mix_weights") is not None:
+            labels = torch.where(batch["mix_weights"] > 0.5, batch["mix_labels"], labels)
+        valid = (labels >= 0) & (labels < logits.shape[-1])  # -100 marks ignored samples in HF datasets
+        correct = ((logits.argmax(-1) == labels) & valid).sum()
+        counts = torch.bincount(labels[valid], minlength=logits.shape[-1])
+        self._correct = correct if self._correct is None else self._correct + correct
+        self._label_counts = counts if self._label_counts is None else self._label_counts + counts
+        self.num_classes = logits.shape[-1]
+
+    def result(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float | None:
+        """The accuracy (None when no sample was checked); raises `TeacherCheckError` on a failed check.
+
+        `reduce` sums a tensor over processes (`lambda t: accelerator.reduce(t, "sum")`), so that every rank judges
+        the same counts and reaches the same verdict: a rank that stopped alone would leave the others waiting.
+        """
+        if self._correct is None:
+            return None
+        totals = torch.cat([self._correct.view(1), self._label_counts])
+        if reduce is not None:
+            totals = reduce(totals)
+        correct, *counts = totals.tolist()
+        n = sum(counts)
+        if n == 0:
+            return None
+        self.samples = n
+        accuracy = correct / n
+        chance = max(1.0 / self.num_classes, max(counts) / n)
+        near_chance = max(chance + 2 * math.sqrt(chance * (1 - chance) / n), chance + 0.1 * (1 - chance))
+        problem = None
+        if accuracy <= near_chance:
+            problem = f"near chance ({chance:.3f}: 1/{self.num_classes} classes or the most frequent label)"
+        elif self.reported is not None:
+            margin = max(0.2, 3 * math.sqrt(self.reported * (1 - self.reported) / n))
+            if accuracy < self.reported - margin:
+                problem = f"far below the {self.reported:.3f} its model card reports"
+        if problem is not None:
+            raise TeacherCheckError(
+                f"the teacher's accuracy on the first {n} training samples is {accuracy:.3f}, {problem}. It does "
+                "not understand what it is fed, and would distil noise. Likely causes: the input normalisation (the "
+                "teacher sees the student's normalised images; give the teacher's statistics with teacher_image_mean/"
+                "teacher_image_std, or the student's with image_mean/image_std), the label order (the dataset's class "
+                "ids must mean the same classes as the teacher's outputs), the resolution, or the channels (RGB vs "
+                f"grayscale, channel order).{self.hint} To skip this check, set check_teacher_accuracy=False."
+            )
+        return accuracy
+
+
+# ---- the teacher object ---------------------------------------------------------------------------------------------
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Teacher:
+    """A frozen teacher model that answers `logits(batch)`; see the module docstring.
+
+    Args:
+        model: an `nn.Module`, or a local folder, Hub id or timm name for `load_teacher`.
+        name: how the model card names the teacher. Default: the string `model`, else the folder or Hub id it was
+            loaded from, else its class name.
+        image_mean, image_std: the teacher's input statistics when nothing attached to the model gives them.
+        dtype: cast the teacher's weights (`"float32"`, `"bfloat16"`, `"float16"`); default: keep them.
+        compile: `torch.compile` the teacher's forward when it is prepared.
+        channels_last: move the teacher's 4-D weights to channels_last.
+        check_finite: raise `FloatingPointError` on non-finite logits (one host sync per call).
+
+    Before the first call, `expect_student(stats, num_classes)` tells it what the student is fed and predicts.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | str | os.PathLike,
+        *,
+        name: str | None = None,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        dtype: str | torch.dtype | None = None,
+        compile: bool = False,
+        channels_last: bool = False,
+        check_finite: bool = True,
+    ):
+        source = os.fspath(model) if isinstance(model, str | os.PathLike) else None
+        module = load_teacher(source) if source is not None else model
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"a teacher must be an nn.Module or a name to load one from, got {type(model).__name__}")
+        self.module: nn.Module = freeze_teacher(module)
+        if channels_last:
+            self.module.to(memory_format=torch.channels_last)
+        self.source = source or _model_name_or_path(module)
+        self.name = name or self.source or type(unwrap(module)).__name__
+        self.keywords = takes_keywords(module)
+        self.num_classes = num_classes(module)
+        self.stats = image_stats(module, name_or_path=self.source, mean=image_mean, std=image_std)
+        self.reported_accuracy = reported_accuracy(self.source)
+        self.dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+        self.compile, self.check_finite = compile, check_finite
+        self.student_stats: ImageStats | None = None
+        self._renorm: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._expected_classes: int | None = None
+        self._checked_classes = False
+        self._accelerator = None
+        self._warned_stats = False
+
+    def __repr__(self) -> str:
+        stats = f"{self.stats.source}" if self.stats else "unknown"
+        return f"Teacher({self.name!r}, keywords={self.keywords}, input statistics: {stats})"
+
+    def expect_student(self, stats: ImageStats | None, num_classes: int | None) -> None:
+        """What the student is fed (its input statistics) and how many classes it predicts.
+
+        A class count that differs from the teacher's is an error here when both models expose one, else at the first
+        batch. The statistics decide the re-normalisation of the teacher's images (none when both agree).
+        """
+        if self.num_classes is not None and num_classes is not None and self.num_classes != num_classes:
+            raise ValueError(
+                f"teacher predicts {self.num_classes} classes but the student {num_classes}; they must agree"
+            )
+        self._expected_classes = num_classes
+        self.student_stats = stats
+        self._renorm = input_normalization(stats, self.stats)
+
+    # ---- TeacherSource ---------------------------------------------------------------------------------------------
+    def prepare(self, accelerator: Any) -> None:
+        """Place and autocast the teacher under `accelerator` (once; see `prepare_teacher`)."""
+        if self._accelerator is accelerator:
+            return
+        from accelerate.utils import DistributedType
+
+        plugin = (
+            accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+        )
+        self.module = prepare_teacher(
+            self.module, accelerator, dtype=self.dtype, compile=self.compile, deepspeed_plugin=plugin
+        )
+        if self._renorm is not None:
+            self._renorm = tuple(t.to(accelerator.device) for t in self._renorm)
+        self._accelerator = accelerator
+
+    def logits(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The teacher's logits for `batch` under `no_grad`, in eval mode, on the adapted input; checked."""
+        if self.module.training:  # BN statistics and dropout of the teacher must never move, whoever called train()
+            self.module.eval()
+        with torch.no_grad():
+            logits = logits_of(forward_model(self.module, self.adapt(batch), keywords=self.keywords))
+        self._check(logits, batch)
+        return logits
+
+    # ---- input adapter ---------------------------------------------------------------------------------------------
+    def adapt(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The student's batch as the teacher needs it: images re-normalised into the teacher's statistics.
+
+        This is the one place where the teacher's input differs from the student's; a resize to the teacher's own
+        resolution belongs here too.
+        """
+        images = batch.get("pixel_values")
+        if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+            return batch
+        if self._renorm is None:
+            self._warn_unknown_stats()
+            return batch
+        scale, shift = self._renorm
+        return {**batch, "pixel_values": torch.addcmul(shift, images, scale)}
+
+    def _warn_unknown_stats(self) -> None:
+        if self._warned_stats or (self.stats is not None and self.student_stats is not None):
+            return
+        self._warned_stats = True
+        unknown = [who for who, s in (("teacher", self.stats), ("student", self.student_stats)) if s is None]
+        logger.warning(
+            "hf_kdsearch cannot tell the %s's input statistics (no timm pretrained_cfg, no image processor, no "
+            "explicit values), so the teacher sees the student's images as they are. If the two were trained on "
+            "differently normalised images, pass teacher_image_mean/teacher_image_std (and image_mean/image_std for "
+            "the student) in DistillationArguments.",
+            " and the ".join(unknown),
+        )
+
+    # ---- checks ----------------------------------------------------------------------------------------------------
+    def _check(self, logits: torch.Tensor, batch: Mapping[str, Any]) -> None:
+        if not self._checked_classes:
+            if self._expected_classes is not None and logits.shape[-1] != self._expected_classes:
+                raise ValueError(
+                    f"teacher logits have {logits.shape[-1]} classes but the student's {self._expected_classes}; "
+                    "teacher and student must predict the same label set"
+                )
+            self._checked_classes = True
+        if self.check_finite and not torch.isfinite(logits).all():
+            # Only now, once the teacher has failed, are the inputs inspected: no extra sync on healthy steps.
+            bad_inputs = [
+                k
+                for k, v in batch.items()
+                if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()
+            ]
+            if bad_inputs:
+                raise FloatingPointError(
+                    f"the input batch holds NaN or inf (in {', '.join(bad_inputs)}), so the teacher's logits are not "
+                    "finite either. The teacher is fine; check the data pipeline (a division by a zero std, a corrupt "
+                    "image, an augmentation)."
+                )
+            raise FloatingPointError(
+                "the teacher returned non-finite logits (NaN or inf) on a finite input batch. Check the teacher's "
+                "weights and its input normalisation, or its precision (teacher_dtype)."
+            )

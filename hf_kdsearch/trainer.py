@@ -1,7 +1,9 @@
 """`DistillationMixin` and `DistillationTrainer`: knowledge distillation inside the Hugging Face `Trainer`.
 
-Swap `Trainer` for `DistillationTrainer` and pass `teacher_model=`; or put `DistillationMixin` in front of your own
-`Trainer` subclass. The loss is `alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE(student, labels)`.
+Swap `Trainer` for `DistillationTrainer` and `TrainingArguments` for `DistillationArguments` (whose
+`teacher_model_name_or_path` names the teacher), or pass `teacher_model=`; or put `DistillationMixin` in front of your
+own `Trainer` subclass. The loss is `alpha * T^2 * KL(teacher || student) + (1 - alpha) * task_loss`, where the task
+loss is the cross-entropy on labels, or the subclass's own `compute_loss` when it defines one.
 
 Extension protocol
 ------------------
@@ -23,7 +25,8 @@ in `log()`, so they reach `log_history` and every `report_to` integration.
 
 from __future__ import annotations
 
-import inspect
+import importlib.metadata
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,9 +35,10 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.training_args import ParallelMode
 
+from .batch import LOSS_KEYS, batch_size, forward_model, logits_of, num_classes, takes_keywords, unwrap
 from .fastpath import setup_fast_path
 from .losses import kd_loss, mixed_cross_entropy
-from .teacher import freeze_teacher, input_normalization, load_teacher, prepare_teacher
+from .teacher import Teacher, TeacherAccuracyCheck, TeacherSource, image_stats
 
 __all__ = [
     "LossMetricsMixin",
@@ -45,9 +49,6 @@ __all__ = [
     "logits_of",
     "forward_model",
 ]
-
-#: Batch keys that steer the loss and are never passed to a model.
-LOSS_KEYS = ("labels", "mix_labels", "mix_weights")
 
 
 class DistillationCallback(TrainerCallback):
@@ -67,53 +68,36 @@ class DistillationCallback(TrainerCallback):
         return None
 
 
-def logits_of(outputs: Any) -> torch.Tensor:
-    """The logits in a model output: a tensor, a mapping or ModelOutput with `logits`, or a tuple, logits first."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    if isinstance(outputs, Mapping) and "logits" in outputs:
-        return outputs["logits"]
-    if isinstance(outputs, tuple | list) and outputs and isinstance(outputs[0], torch.Tensor):
-        return outputs[0]
-    raise TypeError(
-        f"cannot find logits in a model output of type {type(outputs).__name__}: return a tensor, a dict or "
-        "ModelOutput with 'logits', or a tuple whose first element is the logits"
-    )
+class _LossTerms:
+    """Running sums behind `LossMetricsMixin.record_loss_terms`: per optimizer step in training, per sample in eval."""
 
+    def __init__(self):
+        self.step: dict[str, torch.Tensor] = {}
+        self.micro_batches = 0
+        self.eval: dict[str, torch.Tensor] = {}
+        self.eval_samples = 0
 
-def _takes_keywords(model: nn.Module) -> bool:
-    """Whether `model.forward` takes named inputs (`pixel_values=`), as transformers models do, or one positional
-    tensor, as timm models do."""
-    model = getattr(model, "module", model)  # DDP / DataParallel
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    params = inspect.signature(model.forward).parameters.values()
-    return any(p.kind == p.VAR_KEYWORD or p.name == "pixel_values" for p in params)
+    def add_micro_batch(self, terms: Mapping[str, torch.Tensor], steps: int) -> dict[str, torch.Tensor]:
+        """Add one micro-batch of a step of `steps`; returns the step's means once its last micro-batch is in."""
+        for name, value in terms.items():
+            value = value.detach().float() / steps
+            self.step[name] = self.step[name] + value if name in self.step else value
+        self.micro_batches += 1
+        if self.micro_batches < steps:
+            return {}
+        done, self.step, self.micro_batches = self.step, {}, 0
+        return done
 
+    def add_eval_batch(self, terms: Mapping[str, torch.Tensor], samples: int) -> None:
+        for name, value in terms.items():
+            value = value.detach().float() * samples
+            self.eval[name] = self.eval[name] + value if name in self.eval else value
+        self.eval_samples += samples
 
-def forward_model(model: nn.Module, inputs: Mapping[str, Any], *, keywords: bool | None = None) -> Any:
-    """Call `model` on a batch dict, leaving out labels so transformers models don't compute a loss of their own."""
-    if keywords is None:
-        keywords = _takes_keywords(model)
-    if keywords:
-        return model(**{k: v for k, v in inputs.items() if k not in LOSS_KEYS})
-    if "pixel_values" not in inputs:
-        raise KeyError(
-            f"{type(getattr(model, 'module', model)).__name__}.forward takes one positional tensor, so the batch must "
-            f"carry it as 'pixel_values'; got keys {sorted(inputs)}"
-        )
-    return model(inputs["pixel_values"])
-
-
-def _num_classes(model: nn.Module) -> int | None:
-    model = getattr(model, "module", model)
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "num_labels", None):
-        return int(config.num_labels)
-    n = getattr(model, "num_classes", None)
-    return int(n) if isinstance(n, int) and n > 0 else None
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    def eval_means(self) -> dict[str, torch.Tensor]:
+        n, sums = self.eval_samples, self.eval
+        self.eval, self.eval_samples = {}, 0
+        return {name: value / n for name, value in sums.items()} if n else {}
 
 
 class LossMetricsMixin:
@@ -124,6 +108,7 @@ class LossMetricsMixin:
     - `record_metric` collects numbers during the step; `log()` flushes their means into the Trainer's log, so they
       reach `log_history` and every `report_to` integration (values added in a callback's `on_log` do not).
     - Batches are dicts with `pixel_values` and `labels`, also for timm models whose forward names neither.
+    - Loss terms go through `record_loss_terms`, so that, logged, they add up to `loss` and `eval_loss`.
     """
 
     # transformers >= 5.19 reads this flag ...
@@ -137,6 +122,7 @@ class LossMetricsMixin:
             # timm models' forward has no `labels` argument; without this the Trainer would drop labels at eval time.
             self.label_names = ["labels"]
         self._metrics: dict[str, dict[str, list]] = {"train": {}, "eval": {}}
+        self._loss_terms = _LossTerms()
         # GPU data path (fastpath.py): channels_last weights; uint8 batches augmented and normalised on the device.
         self.device_augment = setup_fast_path(self)
 
@@ -170,6 +156,31 @@ class LossMetricsMixin:
             value = value.detach().float().reshape(())
         self._metrics[mode].setdefault(name, []).append(value)
 
+    def record_loss_terms(self, terms: Mapping[str, torch.Tensor], samples: int) -> None:
+        """Record the named terms of one micro-batch's loss so that, logged, they add up to the Trainer's numbers.
+
+        The Trainer's `loss` is the mean over optimizer steps of each step's mean over its micro-batches (the last step
+        of an epoch may have fewer), and `eval_loss` the mean over samples. A plain mean over micro-batches drifts
+        from both under gradient accumulation and at epoch ends; so a training term is recorded once per optimizer
+        step, as that step's mean, and an evaluation term once per evaluation, as its mean over samples.
+        """
+        if self.model.training:
+            steps = getattr(self, "current_gradient_accumulation_steps", 1)
+            for name, value in self._loss_terms.add_micro_batch(terms, steps).items():
+                self.record_metric(name, value, "train")
+        else:
+            self._loss_terms.add_eval_batch(terms, samples)
+
+    def train(self, *args, **kwargs):
+        self._loss_terms = _LossTerms()  # nothing left over from a run that stopped inside an accumulation step
+        return super().train(*args, **kwargs)
+
+    def evaluation_loop(self, *args, **kwargs):
+        output = super().evaluation_loop(*args, **kwargs)
+        for name, value in self._loss_terms.eval_means().items():
+            self.record_metric(name, value, "eval")
+        return output
+
     def _flush_metrics(self, mode: str) -> dict[str, float]:
         store = self._metrics[mode]
         if not store:
@@ -196,20 +207,41 @@ class LossMetricsMixin:
 class DistillationMixin(LossMetricsMixin):
     """Adds knowledge distillation to any `transformers.Trainer` subclass.
 
-    Put it first among the bases: `class MyTrainer(DistillationMixin, MyExistingTrainer)`. It takes one more keyword,
-    `teacher_model` (an `nn.Module`, a local folder, a Hub id or a timm name), and reads `temperature`, `alpha`,
-    `teacher_dtype`, `teacher_compile` and `check_teacher_finite` from `args` (`DistillationArguments`; plain
-    `TrainingArguments` get the defaults T=4, alpha=0.9).
+    Put it first among the bases: `class MyTrainer(DistillationMixin, MyExistingTrainer)`. It takes two more keywords:
+
+    - `teacher_model`: an `nn.Module`, a local folder, a Hub id or a timm name; default:
+      `args.teacher_model_name_or_path`;
+    - `teacher_cache`: anything implementing `TeacherSource` (`prepare(accelerator)`, `logits(batch)`) that answers
+      in the teacher's place, e.g. a cache of precomputed logits.
+
+    It reads `temperature`, `alpha`, `teacher_dtype`, `teacher_compile`, `teacher_image_mean`/`teacher_image_std`,
+    `image_mean`/`image_std`, `check_teacher_finite` and `check_teacher_accuracy` from `args`
+    (`DistillationArguments`; plain `TrainingArguments` get the defaults: T=4, alpha=0.9, both checks on).
 
     The loss (Hinton, Vinyals & Dean 2015, https://arxiv.org/abs/1503.02531) is
-    `alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)`, in float32 and averaged per sample.
-    `loss_kd` and `loss_ce` are logged. Callbacks extend the step through `DistillationCallback`.
+    `alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * task_loss`, in float32 and averaged per sample.
+    The task loss is the cross-entropy on `labels`; when the class the mixin is mixed into defines its own
+    `compute_loss`, that loss is the task loss, and the student's logits are taken from its outputs (one student
+    forward per step). `loss_kd` and `loss_ce` (the weighted task term) are logged; at evaluation `eval_loss` is the
+    unweighted task loss, what the student trained alone would report. Callbacks extend the step through
+    `DistillationCallback`.
     """
 
-    def __init__(self, *args, teacher_model: nn.Module | str | None = None, **kwargs):
-        if teacher_model is None:
-            raise ValueError("DistillationTrainer needs teacher_model= (an nn.Module, a local folder or a Hub id)")
+    def __init__(
+        self,
+        *args,
+        teacher_model: nn.Module | str | None = None,
+        teacher_cache: TeacherSource | None = None,
+        **kwargs,
+    ):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if teacher_model is None:
+            teacher_model = getattr(training_args, "teacher_model_name_or_path", None)
+        if teacher_model is None and teacher_cache is None:
+            raise ValueError(
+                "DistillationTrainer needs a teacher: pass teacher_model= (an nn.Module, a local folder, a Hub id or a "
+                "timm name) or set teacher_model_name_or_path in DistillationArguments (--teacher_model_name_or_path)"
+            )
         if (
             training_args is not None
             and training_args.n_gpu > 1
@@ -227,25 +259,39 @@ class DistillationMixin(LossMetricsMixin):
                 "the student has no parameter that requires grad; is it a copy of a teacher frozen by an earlier "
                 "DistillationTrainer? Call student.requires_grad_(True) first"
             )
-        if isinstance(teacher_model, str):
-            teacher_model = load_teacher(teacher_model)
         if teacher_model is self.model:
             raise ValueError("teacher_model is the student object itself; pass a separate (e.g. deep-copied) teacher")
-        student_params = {p.data_ptr() for p in self.model.parameters()}
-        if any(p.data_ptr() in student_params for p in teacher_model.parameters()):
-            raise ValueError(
-                "teacher_model shares parameters with the student; distil from a separate copy (copy.deepcopy)"
+        if isinstance(teacher_model, nn.Module):  # before freezing the teacher, which would freeze shared weights too
+            student_params = {p.data_ptr() for p in self.model.parameters()}
+            if any(p.data_ptr() in student_params for p in teacher_model.parameters()):
+                raise ValueError(
+                    "teacher_model shares parameters with the student; distil from a separate copy (copy.deepcopy)"
+                )
+        self.teacher: Teacher | None = None
+        if teacher_model is not None:
+            self.teacher = Teacher(
+                teacher_model,
+                image_mean=self._arg("teacher_image_mean", None),
+                image_std=self._arg("teacher_image_std", None),
+                dtype=self._arg("teacher_dtype", None),
+                compile=self._arg("teacher_compile", False),
+                channels_last=self._arg("channels_last", False),
+                check_finite=self._arg("check_teacher_finite", True),
             )
-        t_classes, s_classes = _num_classes(teacher_model), _num_classes(self.model)
-        if t_classes is not None and s_classes is not None and t_classes != s_classes:
-            raise ValueError(f"teacher predicts {t_classes} classes but the student {s_classes}; they must agree")
-        self.teacher_model = freeze_teacher(teacher_model)
-        if self._arg("channels_last", False):
-            self.teacher_model.to(memory_format=torch.channels_last)
-        self._teacher_prepared = False
-        self._teacher_keywords = _takes_keywords(teacher_model)
-        self._renorm = input_normalization(self.model, teacher_model)
-        self._checked_classes = False
+            student_stats = image_stats(
+                self.model, mean=self._arg("image_mean", None), std=self._arg("image_std", None)
+            )
+            self.teacher.expect_student(student_stats, num_classes(self.model))
+        #: What the loss asks for teacher logits: the teacher itself, or a `teacher_cache` standing in for it.
+        self.teacher_source: TeacherSource = teacher_cache if teacher_cache is not None else self.teacher
+        self._student_keywords: bool | None = None
+        self._user_loss = _defines_compute_loss(type(self))
+        reported = self.teacher.reported_accuracy if self.teacher is not None else None
+        self._accuracy_check = (
+            TeacherAccuracyCheck(reported=reported) if self._arg("check_teacher_accuracy", True) else None
+        )
+        #: The teacher's top-1 accuracy on the first training step's batches (None until measured, or when unchecked).
+        self.teacher_accuracy: float | None = None
         self.samples_seen = 0
         self.teacher_samples = 0
 
@@ -262,70 +308,87 @@ class DistillationMixin(LossMetricsMixin):
         return float(self._arg("alpha", 0.9))
 
     # ---- teacher ---------------------------------------------------------------------------------------------------
-    def _prepared_teacher(self) -> nn.Module:
-        # Prepared on first use, not in __init__: the Trainer decides whether to prepare the student for evaluate()
-        # by checking that Accelerate holds no model yet, and a prepared teacher would break that.
-        if not self._teacher_prepared:
-            dtype = self._arg("teacher_dtype", None)
-            plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
-            self.teacher_model = prepare_teacher(
-                self.teacher_model,
-                self.accelerator,
-                dtype=_DTYPES[dtype] if dtype else None,
-                compile=self._arg("teacher_compile", False),
-                deepspeed_plugin=plugin,
-            )
-            if self._renorm is not None:
-                self._renorm = tuple(t.to(self.accelerator.device) for t in self._renorm)
-            self._teacher_prepared = True
-        return self.teacher_model
+    @property
+    def teacher_model(self) -> nn.Module | None:
+        """The teacher's module (as prepared by Accelerate once it has been used); None with only a `teacher_cache`."""
+        return self.teacher.module if self.teacher is not None else None
 
     def teacher_logits(self, inputs: Mapping[str, Any]) -> torch.Tensor:
-        """Teacher logits for a batch, under `no_grad`, with the input re-normalised for the teacher if needed."""
-        teacher = self._prepared_teacher()
-        if teacher.training:  # BN statistics and dropout of the teacher must never move, whoever called train()
-            teacher.eval()
-        if self._renorm is not None and "pixel_values" in inputs:
-            scale, shift = self._renorm
-            inputs = {**inputs, "pixel_values": torch.addcmul(shift, inputs["pixel_values"], scale)}
-        with torch.no_grad():
-            return logits_of(forward_model(teacher, inputs, keywords=self._teacher_keywords))
+        """Teacher logits for a batch: from the `TeacherSource` (the teacher or its cache), prepared on first use.
+
+        Prepared on first use, not in `__init__`: the Trainer decides whether to prepare the student for `evaluate()`
+        by checking that Accelerate holds no model yet, and a prepared teacher would break that.
+        """
+        self.teacher_source.prepare(self.accelerator)
+        try:
+            return self.teacher_source.logits(inputs)
+        except FloatingPointError as err:
+            raise FloatingPointError(
+                f"at global step {self.state.global_step}: {err} The step was stopped before the update, so the "
+                "student and the checkpoints saved so far are intact. (check_teacher_finite=False removes this check "
+                "and its one host sync per step.)"
+            ) from None
 
     def student_logits(self, model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
         """Student logits for a batch; callbacks use it to score samples (wrap it in `no_grad` yourself)."""
-        return logits_of(forward_model(model, inputs))
+        if self._student_keywords is None:  # the call style is read from the signature once, not per micro-batch
+            self._student_keywords = takes_keywords(model)
+        return logits_of(forward_model(model, inputs, keywords=self._student_keywords))
 
     # ---- loss ------------------------------------------------------------------------------------------------------
     def _distill_callbacks(self) -> list[DistillationCallback]:
         return [cb for cb in self.callback_handler.callbacks if isinstance(cb, DistillationCallback)]
 
+    def _task_loss(
+        self, model: nn.Module, inputs: Mapping[str, Any], needed: bool, num_items_in_batch
+    ) -> tuple[torch.Tensor | None, torch.Tensor, Any]:
+        """One student forward: (task loss or None, student logits, outputs to return)."""
+        if self._user_loss:
+            if inputs.get("mix_labels") is not None:
+                raise ValueError(
+                    "this batch carries mixup labels (mix_labels, mix_weights), which a subclass's own compute_loss "
+                    "does not know; with a callback that mixes samples, let the mixin compute the cross-entropy "
+                    "(do not override compute_loss)"
+                )
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+            return loss, logits_of(outputs), outputs
+        student_logits = self.student_logits(model, inputs)
+        labels = inputs.get("labels")
+        if labels is None:
+            if needed:
+                raise ValueError(
+                    f"alpha={self.alpha} < 1 gives the cross-entropy on labels weight {1 - self.alpha:g}, but the "
+                    f"batch has no 'labels' (keys: {sorted(inputs)}). Add labels or set alpha=1.0."
+                )
+            return None, student_logits, {"logits": student_logits}
+        loss = mixed_cross_entropy(student_logits, labels, inputs.get("mix_labels"), inputs.get("mix_weights"))
+        return loss, student_logits, {"logits": student_logits}
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         training = model.training
         hooks = self._distill_callbacks() if training else []
-        batch_size = _batch_size(inputs)
+        samples = batch_size(inputs)
         for cb in hooks:
             replaced = cb.on_distill_batch(self, model, inputs)
             if replaced is not None:
                 inputs = replaced
 
-        student_logits = self.student_logits(model, inputs)
+        task_loss, student_logits, outputs = self._task_loss(
+            model, inputs, needed=self.alpha < 1, num_items_in_batch=num_items_in_batch
+        )
         teacher_logits = self.teacher_logits(inputs) if self.alpha > 0 else None
-        if teacher_logits is not None:
-            self._check_teacher(student_logits, teacher_logits)
+        if training and teacher_logits is not None and self._accuracy_check is not None:
+            self._check_teacher_accuracy(teacher_logits, inputs)
 
         losses: dict[str, torch.Tensor] = {}
         if self.alpha > 0:
-            losses["loss_kd"] = self.alpha * kd_loss(student_logits, teacher_logits, self.temperature)
-        if self.alpha < 1:
-            labels = inputs.get("labels")
-            if labels is None:
-                raise ValueError(
-                    f"alpha={self.alpha} < 1 gives the cross-entropy on labels weight {1 - self.alpha:g}, but the "
-                    f"batch has no 'labels' (keys: {sorted(inputs)}). Add labels or set alpha=1.0."
-                )
-            losses["loss_ce"] = (1 - self.alpha) * mixed_cross_entropy(
-                student_logits, labels, inputs.get("mix_labels"), inputs.get("mix_weights")
+            losses["loss_kd"] = self.alpha * kd_loss(
+                student_logits, teacher_logits=teacher_logits, temperature=self.temperature
             )
+        if self.alpha < 1 and task_loss is not None:
+            losses["loss_ce"] = (1 - self.alpha) * task_loss
         for cb in hooks:
             extra = cb.on_distill_loss(self, model, inputs, student_logits, teacher_logits)
             for name, term in (extra or {}).items():
@@ -334,52 +397,131 @@ class DistillationMixin(LossMetricsMixin):
                 losses[name] = term
 
         loss = sum(losses.values())
-        for name, term in losses.items():
-            self.record_metric(name, term, "train" if training else "eval")
+        self.record_loss_terms(losses, samples)
         if training:
-            self.samples_seen += batch_size
+            self.samples_seen += samples
             self.teacher_samples += 0 if teacher_logits is None else teacher_logits.shape[0]
-        return (loss, {"logits": student_logits}) if return_outputs else loss
+        elif task_loss is not None:
+            # Evaluation reports the task loss, so eval_loss means what it means for a student trained alone (and
+            # metric_for_best_model="eval_loss" compares like with like); the distillation terms are logged beside it.
+            loss = task_loss
+        return (loss, outputs) if return_outputs else loss
 
-    def _check_teacher(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
-        if not self._checked_classes:
-            if student_logits.shape[-1] != teacher_logits.shape[-1]:
-                raise ValueError(
-                    f"teacher logits have {teacher_logits.shape[-1]} classes but the student's "
-                    f"{student_logits.shape[-1]}; teacher and student must predict the same label set"
-                )
-            self._checked_classes = True
-        if self._arg("check_teacher_finite", True) and not torch.isfinite(teacher_logits).all():
-            raise FloatingPointError(
-                f"the teacher returned non-finite logits (NaN or inf) at global step {self.state.global_step}; "
-                "the step was stopped before the update, so the student and the checkpoints saved so far are intact. "
-                "Check the teacher's weights and its input normalisation, or its precision (teacher_dtype)."
-            )
+    def _check_teacher_accuracy(self, teacher_logits: torch.Tensor, inputs: Mapping[str, Any]) -> None:
+        """The teacher check: accumulate over the first optimizer step's micro-batches, decide at its last one."""
+        check = self._accuracy_check
+        if not check.applies_to(teacher_logits, inputs):
+            self._accuracy_check = None
+            return
+        check.update(teacher_logits, inputs)
+        steps = getattr(self, "current_gradient_accumulation_steps", 1)
+        if self._loss_terms.micro_batches + 1 < steps:
+            return  # more micro-batches of the first step to come; the decision still precedes its optimizer step
+        self._accuracy_check = None
+        reduce = None
+        if self.accelerator.num_processes > 1:
+            reduce = lambda t: self.accelerator.reduce(t, reduction="sum")  # one collective, once per run
+        self.teacher_accuracy = check.result(reduce)
+        if self.teacher_accuracy is not None:
+            self.record_metric("teacher_accuracy", self.teacher_accuracy, "train")
+
+    # ---- model card ------------------------------------------------------------------------------------------------
+    def distillation_card(self) -> dict[str, Any]:
+        """What the model card says about the distillation: teacher, method, T, alpha, accuracies, library version."""
+        callbacks = [type(cb).__name__ for cb in self._distill_callbacks()]
+        student_accuracy = None
+        for entry in reversed(self.state.log_history):
+            hit = next((entry[k] for k in ("eval_accuracy", "eval_top1", "eval_acc") if k in entry), None)
+            if hit is not None:
+                student_accuracy = hit
+                break
+        return {
+            "teacher": self.teacher.name if self.teacher is not None else type(self.teacher_source).__name__,
+            "method": "knowledge distillation (Hinton et al. 2015)"
+            + (f" with {', '.join(callbacks)}" if callbacks else ""),
+            "temperature": self.temperature,
+            "alpha": self.alpha,
+            "teacher_accuracy": self.teacher_accuracy,
+            "student_accuracy": student_accuracy,
+            "hf_kdsearch_version": _library_version(),
+        }
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """The Trainer's model card, plus a "Distillation" section and `distillation` metadata (`distillation_card`)."""
+        tags = kwargs.get("tags")
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        kwargs["tags"] = [*tags, *(t for t in ("knowledge-distillation", "hf_kdsearch") if t not in tags)]
+        path = os.path.join(self.args.output_dir, "README.md")
+        from huggingface_hub import ModelCard, ModelCardData
+
+        if hasattr(unwrap(self.model), "config"):
+            super().create_model_card(*args, **kwargs)
+        elif self.is_world_process_zero():
+            # The Trainer's card reads `model.config`, which timm models and plain modules do not have.
+            name = kwargs.get("model_name") or os.path.basename(os.path.abspath(self.args.output_dir))
+            data = ModelCardData(tags=kwargs["tags"], library_name="hf_kdsearch")
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {name}\n").save(path)
+        if not self.is_world_process_zero() or not os.path.isfile(path):
+            return
+
+        info = self.distillation_card()
+        card = ModelCard.load(path)
+        card.data.distillation = {k: v for k, v in info.items() if v is not None}
+        rows = [
+            ("Teacher", info["teacher"]),
+            ("Method", info["method"]),
+            ("Temperature T", f"{info['temperature']:g}"),
+            ("alpha (weight of the KD term)", f"{info['alpha']:g}"),
+            ("Teacher accuracy (first training step's batches)", _fmt(info["teacher_accuracy"])),
+            ("Student accuracy (last evaluation)", _fmt(info["student_accuracy"])),
+            ("hf_kdsearch version", info["hf_kdsearch_version"]),
+        ]
+        table = "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+        section = (
+            "## Distillation\n\nThis model was distilled from a teacher with hf_kdsearch's `DistillationTrainer`: "
+            "loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * task loss.\n\n" + table + "\n"
+        )
+        card.text = card.text.rstrip() + "\n\n" + section
+        card.save(path)
 
 
-def _batch_size(inputs: Mapping[str, Any]) -> int:
-    for v in inputs.values():
-        if isinstance(v, torch.Tensor) and v.ndim > 0:
-            return v.shape[0]
-    return 0
+def _fmt(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:.4g}"
+
+
+def _library_version() -> str:
+    try:
+        return importlib.metadata.version("hf_kdsearch")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _defines_compute_loss(cls: type) -> bool:
+    """Whether a class below `DistillationMixin` in `cls`'s MRO overrides `Trainer.compute_loss` (the user's loss)."""
+    mro = cls.__mro__
+    for base in mro[mro.index(DistillationMixin) + 1 :]:
+        if "compute_loss" in vars(base):
+            return base is not Trainer
+    return False
 
 
 class DistillationTrainer(DistillationMixin, Trainer):
-    """A `Trainer` that distils `teacher_model` into `model`.
+    """A `Trainer` that distils a teacher into `model`.
 
     Example:
     ```python
     from hf_kdsearch import DistillationArguments, DistillationTrainer
 
-    args = DistillationArguments(output_dir="out", temperature=4.0, alpha=0.9)
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train_ds)
+    args = DistillationArguments(output_dir="out", teacher_model_name_or_path="path/to/teacher", alpha=0.9)
+    trainer = DistillationTrainer(model=student, args=args, train_dataset=train_ds)   # or teacher_model=teacher
     trainer.train()
     ```
     """
 
 
 class ClassificationTrainer(LossMetricsMixin, Trainer):
-    """A `Trainer` for image classifiers that return logits (timm, transformers or plain modules), with cross-entropy.
+    """A `Trainer` for classifiers that return logits (timm, transformers or plain modules), with cross-entropy.
 
     It trains teachers and the "student alone" baselines with exactly the batch handling, gradient-accumulation
     scaling and logging of `DistillationTrainer`, so the comparison between the two differs only in the loss.
@@ -391,5 +533,5 @@ class ClassificationTrainer(LossMetricsMixin, Trainer):
             raise ValueError(f"ClassificationTrainer needs 'labels' in the batch, got keys {sorted(inputs)}")
         logits = logits_of(forward_model(model, inputs))
         loss = mixed_cross_entropy(logits, labels, inputs.get("mix_labels"), inputs.get("mix_weights"))
-        self.record_metric("loss_ce", loss)
+        self.record_loss_terms({"loss_ce": loss}, batch_size(inputs))
         return (loss, {"logits": logits}) if return_outputs else loss

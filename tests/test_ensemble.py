@@ -139,11 +139,11 @@ def test_kd_term_distils_every_student_from_the_detached_mean():
     f = [torch.zeros(3, 1)]
     terms = _terms(logits, [f] * 3, [f] * 2, temperature=3.0)
     mean = torch.stack([z.detach() for z in logits]).mean(0)
-    expected = sum(kd_loss(z, mean, 3.0) for z in logits)
+    expected = sum(kd_loss(z, teacher_logits=mean, temperature=3.0) for z in logits)
     torch.testing.assert_close(terms["kd"], expected)
     # The teacher is detached: the gradient on student 0 is that of its own KL term against a constant target.
     (grad,) = torch.autograd.grad(terms["kd"], logits[0])
-    (own,) = torch.autograd.grad(kd_loss(logits[0], mean, 3.0), logits[0])
+    (own,) = torch.autograd.grad(kd_loss(logits[0], teacher_logits=mean, temperature=3.0), logits[0])
     torch.testing.assert_close(grad, own)
 
 

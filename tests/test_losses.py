@@ -14,13 +14,13 @@ def reference_kd(s, t, T):
 
 def test_kd_of_identical_logits_is_zero():
     x = torch.randn(8, 10)
-    assert kd_loss(x, x.clone(), 4.0).abs().item() < 1e-6
+    assert kd_loss(x, teacher_logits=x.clone(), temperature=4.0).abs().item() < 1e-6
 
 
 @pytest.mark.parametrize("T", [1.0, 2.0, 4.0, 20.0])
 def test_kd_matches_float64_reference_with_t_squared(T):
     s, t = torch.randn(16, 100) * 3, torch.randn(16, 100) * 3
-    torch.testing.assert_close(kd_loss(s, t, T), reference_kd(s, t, T), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kd_loss(s, teacher_logits=t, temperature=T), reference_kd(s, t, T), rtol=1e-5, atol=1e-6)
 
 
 def test_t_squared_keeps_gradient_scale_at_high_temperature():
@@ -29,7 +29,7 @@ def test_t_squared_keeps_gradient_scale_at_high_temperature():
     grads = []
     for T in (500.0, 2000.0):
         s_ = s.clone().requires_grad_()
-        kd_loss(s_, t, T).backward()
+        kd_loss(s_, teacher_logits=t, temperature=T).backward()
         grads.append(s_.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=2e-2, atol=1e-5)
     expected = ((s - s.mean(-1, keepdim=True)) - (t - t.mean(-1, keepdim=True))) / (10 * 4)
@@ -38,14 +38,14 @@ def test_t_squared_keeps_gradient_scale_at_high_temperature():
 
 def test_kd_averages_per_sample_not_per_class():
     s, t = torch.randn(1, 10), torch.randn(1, 10)
-    doubled = kd_loss(torch.cat([s, s]), torch.cat([t, t]), 2.0)
-    torch.testing.assert_close(doubled, kd_loss(s, t, 2.0))
+    doubled = kd_loss(torch.cat([s, s]), teacher_logits=torch.cat([t, t]), temperature=2.0)
+    torch.testing.assert_close(doubled, kd_loss(s, teacher_logits=t, temperature=2.0))
 
 
 def test_kd_is_finite_with_bf16_logits_and_extreme_values():
     s = (torch.randn(8, 100) * 200).bfloat16().requires_grad_()
     t = (torch.randn(8, 100) * 200).bfloat16()
-    loss = kd_loss(s, t, 4.0)
+    loss = kd_loss(s, teacher_logits=t, temperature=4.0)
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert torch.isfinite(s.grad.float()).all()
@@ -53,7 +53,7 @@ def test_kd_is_finite_with_bf16_logits_and_extreme_values():
 
 def test_kd_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="differ in shape"):
-        kd_loss(torch.randn(2, 10), torch.randn(2, 100), 4.0)
+        kd_loss(torch.randn(2, 10), teacher_logits=torch.randn(2, 100), temperature=4.0)
 
 
 def test_soft_target_ce_equals_ce_for_one_hot():
@@ -74,5 +74,14 @@ def test_mixed_ce_endpoints_and_midpoint():
 
 def test_feature_mse_detaches_target():
     a, b = torch.randn(2, 3, requires_grad=True), torch.randn(2, 3, requires_grad=True)
-    feature_mse(a, b).backward()
+    feature_mse(a, teacher_features=b).backward()
     assert a.grad is not None and b.grad is None
+
+
+def test_teacher_tensors_are_keyword_only():
+    # Swapped positional tensors would send the gradient into the detached side: the student would learn nothing.
+    s, t = torch.randn(4, 10), torch.randn(4, 10)
+    with pytest.raises(TypeError, match="positional"):
+        kd_loss(s, t, 4.0)
+    with pytest.raises(TypeError, match="positional"):
+        feature_mse(s, t)

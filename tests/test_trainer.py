@@ -253,6 +253,7 @@ def test_mixin_inside_a_users_trainer_subclass_with_plain_training_arguments(tmp
         logging_steps=1,
         disable_tqdm=True,
     )
+    args.check_teacher_accuracy = False  # an untrained teacher; plain TrainingArguments otherwise get the check
     trainer = UsersDistiller(model=cifar(seed=0), teacher_model=cifar(seed=1), args=args, train_dataset=images32)
     trainer.train()
     assert trainer.steps_taken == 3

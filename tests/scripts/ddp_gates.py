@@ -20,7 +20,7 @@ cb = GateSearchCallback(target_flops_ratio=0.05, l1_weight=2.0, warmup_ratio=0.0
 args = DistillationArguments(
     output_dir=out, max_steps=4, per_device_train_batch_size=8, learning_rate=0.1, optim="sgd",
     optim_args="momentum=0.9", logging_steps=2, save_strategy="no", report_to="none", use_cpu=True,
-    disable_tqdm=True, seed=0,
+    disable_tqdm=True, seed=0, check_teacher_accuracy=False,
 )  # fmt: skip
 trainer = DistillationTrainer(model=gated, teacher_model=teacher, args=args, callbacks=[cb], train_dataset=data)
 first = next(iter(trainer.get_train_dataloader()))

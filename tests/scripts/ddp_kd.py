@@ -32,6 +32,7 @@ args = DistillationArguments(
     disable_tqdm=True,
     learning_rate=0.1,
     optim="sgd",
+    check_teacher_accuracy=False,  # untrained teachers: the accuracy check would rightly stop them
 )
 trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
 trainer.train()
