@@ -32,7 +32,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.training_args import ParallelMode
 
-from .fastpath import setup_fast_path
+from .fastpath import resize_images, setup_fast_path
 from .losses import kd_loss, mixed_cross_entropy
 from .teacher import freeze_teacher, input_normalization, load_teacher, prepare_teacher
 
@@ -285,6 +285,9 @@ class DistillationMixin(LossMetricsMixin):
         if self._renorm is not None and "pixel_values" in inputs:
             scale, shift = self._renorm
             inputs = {**inputs, "pixel_values": torch.addcmul(shift, inputs["pixel_values"], scale)}
+        # A teacher trained at another resolution (args.teacher_image_size): resized once per batch, on the device.
+        if self._arg("teacher_image_size", None) and "pixel_values" in inputs:
+            inputs = {**inputs, "pixel_values": resize_images(inputs["pixel_values"], self.args.teacher_image_size)}
         with torch.no_grad():
             return logits_of(forward_model(teacher, inputs, keywords=self._teacher_keywords))
 
