@@ -104,8 +104,12 @@ def _is_saved_to_disk(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json"))
 
 
-def load_image_dataset(name: str | None = None, path: str | None = None, *, config: str | None = None):
-    """Load an image-classification dataset as a `datasets.DatasetDict` of splits.
+def load_image_dataset(
+    name: str | None = None, path: str | None = None, *, config: str | None = None, streaming: bool = False
+):
+    """Load an image-classification dataset as a `datasets.DatasetDict` of splits (an `IterableDatasetDict` of
+    streams with `streaming=True`: nothing is downloaded or decoded ahead; a `save_to_disk` folder is streamed
+    from its Arrow files).
 
     Args:
         name: a Hub dataset id such as `"uoft-cs/cifar100"`; used when `path` is None. Reads the local cache first, so
@@ -128,10 +132,12 @@ def load_image_dataset(name: str | None = None, path: str | None = None, *, conf
         try:
             if os.path.isdir(path) and _is_saved_to_disk(path):
                 loaded = datasets.load_from_disk(path)
+                if streaming:
+                    loaded = _to_streams(loaded)
             elif os.path.isfile(path) and path.endswith(".parquet"):
-                loaded = datasets.load_dataset("parquet", data_files={"train": path})
+                loaded = datasets.load_dataset("parquet", data_files={"train": path}, streaming=streaming)
             elif os.path.isdir(path):
-                loaded = datasets.load_dataset(path)
+                loaded = datasets.load_dataset(path, streaming=streaming)
             else:
                 raise DatasetLoadError(
                     f"dataset path {path!r} is a file but not a .parquet file; pass a parquet file or a folder"
@@ -143,11 +149,13 @@ def load_image_dataset(name: str | None = None, path: str | None = None, *, conf
                 f"no dataset found at {path!r} (expected parquet files, a save_to_disk folder or an image folder): "
                 f"{type(err).__name__}: {err}"
             ) from err
-        return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+        if isinstance(loaded, datasets.DatasetDict | datasets.IterableDatasetDict):
+            return loaded
+        return (datasets.IterableDatasetDict if streaming else datasets.DatasetDict)(train=loaded)
     if not name:
         raise DatasetLoadError("pass a Hub dataset id (name=) or a local copy (path=)")
     try:
-        return datasets.load_dataset(name, config)
+        return datasets.load_dataset(name, config, streaming=streaming)
     except Exception as err:  # offline, unreachable Hub, unknown repo: all mean "not here"
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
         reason = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub could not be reached or has no such repo"
@@ -156,6 +164,14 @@ def load_image_dataset(name: str | None = None, path: str | None = None, *, conf
             f"path= (parquet files, a save_to_disk folder or an image folder). Underlying error: "
             f"{type(err).__name__}: {err}"
         ) from err
+
+
+def _to_streams(loaded):
+    import datasets
+
+    if isinstance(loaded, datasets.Dataset):
+        return loaded.to_iterable_dataset()
+    return datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in loaded.items()})
 
 
 def _find_column(dataset, wanted: str | None, kind: str, feature_type) -> str:
