@@ -397,10 +397,11 @@ def load_data(recipe: RecipeArguments, args, student: torch.nn.Module, raw) -> t
             )
         input_size = tuple(out[0].images.shape[1:])
         data_config = {**data_config, "input_size": input_size}
+        # A batch is one gather: worker processes would only add copies (and cannot share CUDA tensors).
         changes = dict(device_augment=True, image_mean=list(data_config["mean"]), image_std=list(data_config["std"]))
+        changes.update(dataloader_num_workers=0)
         if on_gpu:
-            # The data already lives on the GPU: nothing to pin, and worker processes cannot share CUDA tensors.
-            changes.update(dataloader_pin_memory=False, dataloader_num_workers=0)
+            changes.update(dataloader_pin_memory=False)  # the data already lives on the GPU: nothing to pin
         args = dataclasses.replace(args, **changes)
         where = f"uint8 tensors on {out[0].device}, augmented there (crop with 4-pixel padding, flip)"
         collator = DeviceImageDataset.collate

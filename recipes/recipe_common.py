@@ -42,7 +42,7 @@ from hf_kdsearch import (
     push_student,
     save_student,
 )
-from hf_kdsearch.data import DatasetLoadError, NodeSplitLoaderMixin
+from hf_kdsearch.data import DatasetLoadError, NodeSplitLoaderMixin, data_config_for
 from hf_kdsearch.fastpath import resize_images
 from hf_kdsearch.hub import HubUnavailableError
 from hf_kdsearch.metrics import TopKAccuracy
@@ -221,7 +221,7 @@ def get_teacher(recipe, args, data: RecipeData, student: nn.Module, tag: str = "
             f"the teacher {recipe.teacher!r} predicts {teacher_classes} classes but the label column has "
             f"{num_classes}; distil from a teacher trained on this label set"
         )
-    cfg = getattr(teacher, "pretrained_cfg", None)
+    cfg = teacher_inputs(teacher, recipe.teacher)
     if args.teacher_image_size is None and isinstance(cfg, dict) and cfg.get("input_size"):
         teacher_hw = list(cfg["input_size"][1:])
         if teacher_hw != list(data.input_size[1:]):
@@ -244,6 +244,24 @@ def get_teacher(recipe, args, data: RecipeData, student: nn.Module, tag: str = "
     info["teacher"] += f"; top-1 {top.get('top1')} %, top-5 {top.get('top5')} % on {recipe.eval_split}"
     log(args, f"teacher: {info['teacher']}", tag)
     return teacher, info, args
+
+
+def teacher_inputs(teacher: nn.Module, name: str) -> dict | None:
+    """The teacher's expected input (`input_size`, `mean`, `std`): its timm `pretrained_cfg`, or, for a transformers
+    model, its image processor's, attached as a `pretrained_cfg` so that `DistillationTrainer` re-normalises the
+    student's batch for it. None when neither is known."""
+    cfg = getattr(teacher, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return cfg
+    try:
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(name)
+    except (OSError, ValueError):  # no preprocessor_config.json there
+        return None
+    config = data_config_for(processor=processor)
+    teacher.pretrained_cfg = {k: config[k] for k in ("input_size", "mean", "std")}
+    return teacher.pretrained_cfg
 
 
 def _has_pretrained_weights(name: str) -> bool:

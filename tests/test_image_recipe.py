@@ -367,3 +367,31 @@ def test_offline_hub_dataset_exits_with_one_message(tmp_path, capsys, monkeypatc
         err = capsys.readouterr().err
         assert code == 2 and "could not load the dataset 'beans': HF_HUB_OFFLINE is set" in err
         assert "HINT --dataset_path" in err and "Traceback" not in err
+
+
+def test_a_transformers_teacher_gets_its_image_processors_size_and_statistics(tmp_path):
+    """A transformers teacher has no timm pretrained_cfg: the recipe reads its image processor instead, and the
+    trainer then re-normalises (ImageNet statistics -> 0.5/0.5) and resizes (32 -> 40) the student's batch for it."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from hf_kdsearch.teacher import input_normalization
+
+    recipe = load_recipe_module()
+    config = ViTConfig(image_size=40, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, num_labels=10)  # fmt: skip
+    ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 40, "width": 40}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
+        tmp_path / "vit"
+    )
+    teacher = hf_kdsearch.load_teacher(str(tmp_path / "vit"))
+    cfg = recipe.common.teacher_inputs(teacher, str(tmp_path / "vit"))
+    assert cfg == {"input_size": (3, 40, 40), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    student = timm.create_model("resnet18", num_classes=10)
+    scale, shift = input_normalization(student, teacher)
+    imagenet_std = torch.tensor(student.pretrained_cfg["std"])
+    torch.testing.assert_close(scale.flatten(), imagenet_std / 0.5)
+    assert recipe.common.teacher_inputs(timm.create_model("cifar_resnet8"), "cifar_resnet8")["input_size"] == (
+        3,
+        32,
+        32,
+    )
