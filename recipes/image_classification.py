@@ -51,11 +51,10 @@ from transformers import HfArgumentParser
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import recipe_common as common  # noqa: E402
-from recipe_common import METHODS, RecipeData  # noqa: E402
+from recipe_common import METHODS, RecipeData, RecipeError  # noqa: E402
 
 from hf_kdsearch import DistillationArguments, load_student, load_teacher  # noqa: E402
 from hf_kdsearch.data import (  # noqa: E402
-    DatasetLoadError,
     ImageClassificationTransform,
     class_names,
     collate_tensor_batch,
@@ -270,11 +269,11 @@ def load_splits(recipe: RecipeArguments, args):
         recipe.dataset_name, recipe.dataset_path, config=recipe.dataset_config, streaming=recipe.streaming
     )
     if recipe.train_split not in splits:
-        raise DatasetLoadError(f"the dataset has no split {recipe.train_split!r}; it has {sorted(splits)}")
+        raise RecipeError(f"the dataset has no split {recipe.train_split!r}; it has {sorted(splits)}")
     train = splits[recipe.train_split]
     eval_split = recipe.eval_split or next((s for s in EVAL_SPLITS if s in splits), None)
     if recipe.eval_split is not None and eval_split not in splits:
-        raise DatasetLoadError(f"the dataset has no split {eval_split!r}; it has {sorted(splits)}")
+        raise RecipeError(f"the dataset has no split {eval_split!r}; it has {sorted(splits)}")
     if eval_split is None:
         if recipe.validation_split_percentage is None or recipe.streaming:
             fix = (
@@ -283,7 +282,7 @@ def load_splits(recipe: RecipeArguments, args):
                 else f"pass --validation_split_percentage 10 to hold out 10 % of {recipe.train_split!r}, or "
                 "--eval_split NAME"
             )
-            raise DatasetLoadError(f"the dataset has no evaluation split (it has {sorted(splits)}): {fix}")
+            raise RecipeError(f"the dataset has no evaluation split (it has {sorted(splits)}): {fix}")
         held = train.train_test_split(test_size=recipe.validation_split_percentage / 100, seed=args.seed)
         train, evaluation = held["train"], held["test"]
         eval_split = f"{recipe.validation_split_percentage:g} % of {recipe.train_split} held out"
@@ -312,21 +311,21 @@ def label_set(recipe, train, evaluation, label_column: str) -> tuple[int, list[s
     if names is not None:
         num = len(names)
         if recipe.num_labels is not None and recipe.num_labels != num:
-            raise DatasetLoadError(f"--num_labels {recipe.num_labels} but {label_column!r} names {num} classes")
+            raise RecipeError(f"--num_labels {recipe.num_labels} but {label_column!r} names {num} classes")
         return num, names
     seen = list(evaluation[label_column]) + ([] if recipe.streaming else list(train[label_column]))
     if min(seen) < 0:
-        raise DatasetLoadError(
+        raise RecipeError(
             f"the label column {label_column!r} holds negative labels (min {min(seen)}), e.g. -1 for unlabelled "
             "test images: evaluate on another split (--eval_split) or hold out part of train "
             "(--validation_split_percentage)"
         )
     if recipe.num_labels is not None:
         if max(seen) >= recipe.num_labels:
-            raise DatasetLoadError(f"--num_labels {recipe.num_labels} but {label_column!r} holds label {max(seen)}")
+            raise RecipeError(f"--num_labels {recipe.num_labels} but {label_column!r} holds label {max(seen)}")
         return recipe.num_labels, None
     if recipe.streaming:
-        raise DatasetLoadError(
+        raise RecipeError(
             f"the label column {label_column!r} holds plain integers, and a stream's largest label is unknown before "
             "reading it all: pass --num_labels"
         )
@@ -336,7 +335,10 @@ def label_set(recipe, train, evaluation, label_column: str) -> tuple[int, list[s
 def load_raw(recipe: RecipeArguments, args) -> tuple:
     """`(train, eval, image column, label column, number of classes, class names)`, before any decoding."""
     train, evaluation = load_splits(recipe, args)
-    image_column, label_column = find_columns(train.features, recipe.image_column, recipe.label_column)
+    try:
+        image_column, label_column = find_columns(train.features, recipe.image_column, recipe.label_column)
+    except ValueError as err:
+        raise RecipeError(str(err)) from err
     num_classes, names = label_set(recipe, train, evaluation, label_column)
     return train, evaluation, image_column, label_column, num_classes, names
 
@@ -360,7 +362,7 @@ def choose_path(recipe, train, evaluation, image_column: str, data_config: dict)
         problems.append(f"--image_size {wanted[0]}x{wanted[1]} differs from the images' {h}x{w}")
     if recipe.loader == "fast":
         if problems:
-            raise DatasetLoadError(f"--loader fast needs images of one size, trained at that size: {problems[0]}")
+            raise RecipeError(f"--loader fast needs images of one size, trained at that size: {problems[0]}")
         return "fast", "--loader fast"
     if len(sizes) == 1 and max(h, w) > FAST_PATH_MAX_SIDE:
         problems.append(f"{h}x{w} images are larger than the fast path's {FAST_PATH_MAX_SIDE} px")
@@ -447,7 +449,7 @@ def build_student(recipe: RecipeArguments, num_classes: int | None) -> torch.nn.
     if os.path.isdir(recipe.student):
         return load_student(recipe.student)
     if not timm.is_model(recipe.student):
-        raise ValueError(f"--student {recipe.student!r} is neither a folder nor a timm architecture")
+        raise RecipeError(f"--student {recipe.student!r} is neither a folder nor a timm architecture")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     return timm.create_model(recipe.student, pretrained=recipe.pretrained_student, **kwargs)
 
@@ -455,7 +457,7 @@ def build_student(recipe: RecipeArguments, num_classes: int | None) -> torch.nn.
 def check_head(student: torch.nn.Module, data: RecipeData, label_column: str | None) -> None:
     head = common.head_size(student)
     if head is not None and head < data.num_classes:
-        raise ValueError(
+        raise RecipeError(
             f"the label column {label_column or ''!r} has {data.num_classes} classes but the student's head has "
             f"{head} outputs; use a student built for {data.num_classes} classes (a timm architecture name is built "
             "with the dataset's class count)"
@@ -490,8 +492,11 @@ def main(argv: list[str] | None = None, callbacks=()) -> list[str]:
         results = common.run_ensemble(recipe, args, data, callbacks=callbacks)
     else:
         teacher, teacher_info, args = common.get_teacher(recipe, args, data, student or inputs_of, TAG)
-        run = {"kd": common.run_kd, "unix": common.run_unix, "search": common.run_search}[recipe.method]
-        results = run(recipe, args, data, teacher, student, callbacks=callbacks)
+        if recipe.method == "search":
+            results = common.run_search(recipe, args, data, teacher, callbacks=callbacks, tag=TAG)
+        else:
+            run = common.run_kd if recipe.method == "kd" else common.run_unix
+            results = run(recipe, args, data, teacher, student, callbacks=callbacks)
     if args.process_index != 0:
         return []
     return common.publish(recipe, args, data, hub, results, teacher_info, TAG)

@@ -51,6 +51,10 @@ from hf_kdsearch.teacher import input_normalization
 METHODS = ("kd", "unix", "search", "ensemble")
 
 
+class RecipeError(ValueError):
+    """A dataset or model the recipe cannot use as given; the message names the flag that fixes it."""
+
+
 @dataclass
 class RecipeData:
     """The data of one run, however it is decoded.
@@ -425,6 +429,9 @@ def run_cli(main: Callable[[], Any], dataset_hint: str) -> int:
     """Run `main`, turning the errors a user can fix into one clear message and a non-zero exit code."""
     try:
         main()
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except DatasetLoadError as err:
         print(f"error: {err}\n{dataset_hint}", file=sys.stderr)
         return 2

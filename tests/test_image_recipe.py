@@ -24,7 +24,6 @@ from transformers import AutoModelForImageClassification
 import hf_kdsearch
 from hf_kdsearch import DistillationTrainer, save_student
 from hf_kdsearch.data import (
-    DatasetLoadError,
     ImageClassificationTransform,
     data_config_for,
     find_columns,
@@ -295,7 +294,7 @@ def test_a_stream_split_by_node_gives_each_rank_its_own_samples(digit_folder):
     assert sorted(parts[0] + parts[1]) == sorted(everything)
 
 
-def test_columns_and_splits_errors_are_clear(digit_folder, tmp_path):
+def test_columns_and_splits_errors_are_clear(digit_folder, tmp_path, capsys):
     import datasets
 
     features = datasets.Features({"img": datasets.Image(), "label": datasets.Value("int64")})
@@ -314,9 +313,12 @@ def test_columns_and_splits_errors_are_clear(digit_folder, tmp_path):
     write_digit_folder(only_train, {"train": 20})
     base = ["--method", "kd", "--teacher", "t", "--dataset_path", str(only_train), "--output_dir", str(tmp_path)]
     r, args, _ = recipe.parse_args([*base, "--use_cpu"])
-    with pytest.raises(DatasetLoadError, match=r"no evaluation split \(it has \['train'\]\): pass "
+    with pytest.raises(recipe.RecipeError, match=r"no evaluation split \(it has \['train'\]\): pass "
                        r"--validation_split_percentage 10"):  # fmt: skip
         recipe.load_raw(r, args)
+    assert recipe.common.run_cli(lambda: recipe.main([*base, "--use_cpu"]), "HINT") == 2  # one message, no traceback
+    err = capsys.readouterr().err
+    assert "error: the dataset has no evaluation split" in err and "Traceback" not in err and "HINT" not in err
     r, args, _ = recipe.parse_args([*base, "--use_cpu", "--validation_split_percentage", "25"])
     train, held, image_column, label_column, num_classes, names = recipe.load_raw(r, args)
     assert (len(train), len(held), image_column, label_column, num_classes) == (15, 5, "image", "label", 10)
@@ -324,7 +326,9 @@ def test_columns_and_splits_errors_are_clear(digit_folder, tmp_path):
 
     small = timm.create_model("cifar_resnet8", num_classes=4)
     data = type("Data", (), {"num_classes": 10})()
-    with pytest.raises(ValueError, match="the label column 'label' has 10 classes but the student's head has 4"):
+    with pytest.raises(
+        recipe.RecipeError, match="the label column 'label' has 10 classes but the student's head has 4"
+    ):
         recipe.check_head(small, data, "label")
     with pytest.raises(SystemExit):
         recipe.parse_args([*base, "--use_cpu", "--streaming"])  # a stream needs --max_steps
@@ -338,7 +342,7 @@ def test_the_data_path_is_chosen_from_the_images(digit_folder, tmp_path):
     path, why = recipe.choose_path(r, mixed["train"], mixed["validation"], "image", cfg)
     assert path == "transforms" and why.startswith("images come in")
     r.loader = "fast"
-    with pytest.raises(DatasetLoadError, match="--loader fast needs images of one size"):
+    with pytest.raises(recipe.RecipeError, match="--loader fast needs images of one size"):
         recipe.choose_path(r, mixed["train"], mixed["validation"], "image", cfg)
 
     import datasets
