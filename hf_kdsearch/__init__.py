@@ -7,9 +7,20 @@ timm, so `timm.create_model` and transformers' `AutoModelForImageClassification`
 __version__ = "0.1.0"
 
 from .config import DistillationArguments
-from .data import DatasetLoadError, TensorImageDataset, load_image_dataset, load_mnist10k, to_uint8_tensors
+from .data import (
+    DatasetLoadError,
+    ImageClassificationTransform,
+    NodeSplitLoaderMixin,
+    TensorImageDataset,
+    data_config_for,
+    image_transforms,
+    load_image_dataset,
+    load_mnist10k,
+    split_stream_by_node,
+    to_uint8_tensors,
+)
 from .ensemble import OnlineEnsemble, OnlineEnsembleArguments, OnlineEnsembleTrainer, build_ensemble
-from .fastpath import DeviceAugment, DeviceImageDataset, normalize_images, random_crop_flip
+from .fastpath import DeviceAugment, DeviceImageDataset, normalize_images, random_crop_flip, resize_images
 from .flops import count_flops
 from .gates import add_gates, extract_student, flops_weighted_l1, gate_parameter_names, gate_parameters
 from .hub import HubUnavailableError, load_student, push_student, save_student
@@ -45,6 +56,7 @@ __all__ = [
     "build_ensemble",
     "ClassificationTrainer",
     "count_flops",
+    "data_config_for",
     "DatasetLoadError",
     "DeviceAugment",
     "DeviceImageDataset",
@@ -60,6 +72,8 @@ __all__ = [
     "gate_parameters",
     "GateSearchCallback",
     "HubUnavailableError",
+    "image_transforms",
+    "ImageClassificationTransform",
     "kd_loss",
     "load_image_dataset",
     "load_mnist10k",
@@ -69,6 +83,7 @@ __all__ = [
     "logits_of",
     "LossMetricsMixin",
     "mixed_cross_entropy",
+    "NodeSplitLoaderMixin",
     "normalize_images",
     "num_selected",
     "OnlineEnsemble",
@@ -78,11 +93,13 @@ __all__ = [
     "push_student",
     "random_crop_flip",
     "rank_mixup_mask",
+    "resize_images",
     "save_student",
     "search_report",
     "select_uncertain",
     "Selection",
     "soft_target_cross_entropy",
+    "split_stream_by_node",
     "Teacher",
     "TeacherCheckError",
     "TeacherLoadError",

@@ -107,6 +107,16 @@ class DistillationArguments(TrainingArguments):
         },
     )
 
+    # ---- teacher at its own resolution (appended; see the check at the end of __post_init__) ----------------------
+    teacher_image_size: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Resize each batch to this size (one int, or height width) for the teacher, on the device, "
+            "bilinear with antialiasing: a teacher trained at another resolution than the student. Default: the "
+            "student's input as it is."
+        },
+    )
+
     def __post_init__(self):
         if not isinstance(self.augment_padding, int) or self.augment_padding < 0:
             raise ValueError(f"augment_padding must be an integer >= 0, got augment_padding={self.augment_padding!r}")
@@ -134,6 +144,15 @@ class DistillationArguments(TrainingArguments):
             raise ValueError(f"temperature must be a finite number > 0, got temperature={self.temperature!r}")
         if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES} or None, got {self.teacher_dtype!r}")
+        # ---- teacher_image_size -------------------------------------------------------------------------------------
+        if self.teacher_image_size is not None:
+            size = [self.teacher_image_size] if isinstance(self.teacher_image_size, int) else self.teacher_image_size
+            if not (1 <= len(size) <= 2 and all(isinstance(s, int) and s > 0 for s in size)):
+                raise ValueError(
+                    "teacher_image_size must be one or two positive ints (height width), got "
+                    f"teacher_image_size={self.teacher_image_size!r}"
+                )
+            self.teacher_image_size = [size[0], size[-1]]
         super().__post_init__()
         if self.device_augment and self.dataloader_pin_memory:
             # A blocking copy from pinned memory waits for every queued kernel: one host sync per step.

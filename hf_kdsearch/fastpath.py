@@ -31,7 +31,14 @@ from torch import nn
 
 from .data import TensorImageDataset, collate_tensor_batch
 
-__all__ = ["DeviceAugment", "DeviceImageDataset", "normalize_images", "random_crop_flip", "setup_fast_path"]
+__all__ = [
+    "DeviceAugment",
+    "DeviceImageDataset",
+    "normalize_images",
+    "random_crop_flip",
+    "resize_images",
+    "setup_fast_path",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +78,25 @@ def random_crop_flip(
     batch = torch.arange(n, device=device).view(n, 1, 1, 1)
     channel = torch.arange(c, device=device).view(1, c, 1, 1)
     return images[batch, channel, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+
+
+def resize_images(images: torch.Tensor, size: Sequence[int] | int) -> torch.Tensor:
+    """Bilinear resize of `(N, C, H, W)` float images to `size` (one int, or `(height, width)`), with antialiasing,
+    on the images' device; the images themselves when they already have that size.
+
+    A per-channel normalisation commutes with it (the weights of each output pixel sum to 1), so normalised batches
+    can be resized as they are. Used to feed a teacher at its own resolution from the student's batch, once per
+    batch, without decoding the images twice.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    size = [size] if isinstance(size, int) else list(size)
+    if len(size) not in (1, 2) or any(int(s) <= 0 for s in size):
+        raise ValueError(f"size must be one or two positive ints (height width), got {size!r}")
+    hw = (int(size[0]), int(size[-1]))
+    if tuple(images.shape[-2:]) == hw:
+        return images
+    return nn.functional.interpolate(images, size=hw, mode="bilinear", antialias=True, align_corners=False)
 
 
 def normalize_images(

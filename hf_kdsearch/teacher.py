@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .batch import forward_model, logits_of, num_classes, takes_keywords, unwrap
+from .fastpath import resize_images
 
 __all__ = [
     "TeacherLoadError",
@@ -368,6 +369,8 @@ class Teacher:
         compile: `torch.compile` the teacher's forward when it is prepared.
         channels_last: move the teacher's 4-D weights to channels_last.
         check_finite: raise `FloatingPointError` on non-finite logits (one host sync per call).
+        image_size: the teacher's input resolution (one int, or height and width) when it differs from the student's:
+            each batch is resized on the device (`fastpath.resize_images`), once, after the re-normalisation.
 
     Before the first call, `expect_student(stats, num_classes)` tells it what the student is fed and predicts.
     """
@@ -383,6 +386,7 @@ class Teacher:
         compile: bool = False,
         channels_last: bool = False,
         check_finite: bool = True,
+        image_size: int | Sequence[int] | None = None,
     ):
         source = os.fspath(model) if isinstance(model, str | os.PathLike) else None
         module = load_teacher(source) if source is not None else model
@@ -399,6 +403,7 @@ class Teacher:
         self.reported_accuracy = reported_accuracy(self.source)
         self.dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
         self.compile, self.check_finite = compile, check_finite
+        self.image_size = image_size
         self.student_stats: ImageStats | None = None
         self._renorm: tuple[torch.Tensor, torch.Tensor] | None = None
         self._expected_classes: int | None = None
@@ -452,19 +457,21 @@ class Teacher:
 
     # ---- input adapter ---------------------------------------------------------------------------------------------
     def adapt(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
-        """The student's batch as the teacher needs it: images re-normalised into the teacher's statistics.
-
-        This is the one place where the teacher's input differs from the student's; a resize to the teacher's own
-        resolution belongs here too.
+        """The student's batch as the teacher needs it: images re-normalised into the teacher's statistics, then
+        resized to the teacher's resolution (`image_size`). The one place where the teacher's input differs from the
+        student's.
         """
         images = batch.get("pixel_values")
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
             return batch
         if self._renorm is None:
             self._warn_unknown_stats()
-            return batch
-        scale, shift = self._renorm
-        return {**batch, "pixel_values": torch.addcmul(shift, images, scale)}
+        else:
+            scale, shift = self._renorm
+            images = torch.addcmul(shift, images, scale)
+        if self.image_size:
+            images = resize_images(images, self.image_size)
+        return {**batch, "pixel_values": images}
 
     def _warn_unknown_stats(self) -> None:
         if self._warned_stats or (self.stats is not None and self.student_stats is not None):

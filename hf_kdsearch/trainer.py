@@ -277,6 +277,7 @@ class DistillationMixin(LossMetricsMixin):
                 compile=self._arg("teacher_compile", False),
                 channels_last=self._arg("channels_last", False),
                 check_finite=self._arg("check_teacher_finite", True),
+                image_size=self._arg("teacher_image_size", None),
             )
             student_stats = image_stats(
                 self.model, mean=self._arg("image_mean", None), std=self._arg("image_std", None)
