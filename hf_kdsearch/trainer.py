@@ -37,6 +37,7 @@ from transformers.training_args import ParallelMode
 
 from .batch import LOSS_KEYS, batch_size, forward_model, logits_of, num_classes, takes_keywords, unwrap
 from .fastpath import setup_fast_path
+from .gates import gate_parameter_names
 from .losses import kd_loss, mixed_cross_entropy
 from .teacher import Teacher, TeacherAccuracyCheck, TeacherSource, image_stats
 
@@ -134,8 +135,6 @@ class LossMetricsMixin:
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         # Architecture gates carry their own L1 penalty; weight decay on top would shrink them towards 0 twice.
-        from .gates import gate_parameter_names  # local while flops.py (used by gates) imports this module
-
         gates = gate_parameter_names(model)
         return [n for n in super().get_decay_parameter_names(model) if n not in gates]
 
