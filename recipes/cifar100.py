@@ -194,7 +194,7 @@ METHOD_DEFAULTS = {
         weight_decay=1e-5,
         per_device_train_batch_size=128,
         num_train_epochs=350,
-        lr_decay_at=[0.57, 0.86],
+        lr_decay_at=[200 / 350, 300 / 350],  # 0.57 and 0.86
     ),
 }
 

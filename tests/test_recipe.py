@@ -101,8 +101,6 @@ def tiny(dataset: Path, output_dir: Path, *extra) -> list:
         "8",
         "--per_device_eval_batch_size",
         "16",
-        "--save_strategy",
-        "no",
         "--use_cpu",
         "--seed",
         "0",
@@ -320,14 +318,13 @@ def test_method_defaults_follow_the_papers(tmp_path):
     r, args, _ = recipe.parse_args(["--method", "unix", "--output_dir", str(tmp_path), "--use_cpu"])
     assert (args.alpha, args.temperature, r.select_ratio) == (1.0, 4.0, 0.75)
 
+    # The ensemble follows its authors' released CIFAR-100 configs: Adam, x0.1 at epochs 200 and 300 of 350.
     r, args, _ = recipe.parse_args(["--method", "ensemble", "--output_dir", str(tmp_path), "--use_cpu"])
-    assert (args.num_train_epochs, args.learning_rate, r.lr_decay_at, r.student) == (
-        450,
-        0.1,
-        [0.5, 0.75],
-        "cifar_resnet110",
-    )
-    assert args.optim_args == "momentum=0.9,nesterov=True"
+    assert (args.num_train_epochs, args.learning_rate, args.weight_decay) == (350, 1e-3, 1e-5)
+    assert r.student == "cifar_resnet110"
+    assert args.optim == "adamw_torch" and args.optim_args is None and args.per_device_train_batch_size == 128
+    assert [round(m * 350) for m in r.lr_decay_at] == [200, 300]
+    assert args.save_strategy == "epoch" and args.channels_last  # checkpoints of channels_last students by default
 
     r, args, hub = recipe.parse_args(
         ["--output_dir", str(tmp_path), "--use_cpu", "--learning_rate", "0.01", "--lr_scheduler_type", "cosine"]
