@@ -412,23 +412,28 @@ def train_teacher(recipe, args, data, cache: Path) -> torch.nn.Module:
     )
     teacher = full_model(trainer)
     if trainer.is_world_process_zero():
-        check_finite_weights(teacher, name=f"the stage-1 teacher {recipe.teacher}")
-        # Written beside the cache and renamed, so an interrupted run never leaves a half-written teacher to reuse.
-        # One fixed name: a folder left by a killed run is cleared and reused.
-        tmp = cache.with_name(f".{cache.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
         card = card_base(recipe, args, data, method="alone", metrics=percent(metrics))
-        save_student(teacher, tmp, card=card)
-        try:
-            os.replace(tmp, cache)
-        except OSError as err:
-            raise TeacherLoadError(
-                f"the trained teacher could not be moved to {str(cache)!r} ({err}); it is kept, complete, at "
-                f"{str(tmp)!r}: move it there yourself, or pass --teacher {tmp}"
-            ) from err
+        cache_teacher(teacher, cache, card=card, name=f"the stage-1 teacher {recipe.teacher}")
     trainer.accelerator.wait_for_everyone()
     # Every rank continues from the cached copy: the same weights everywhere, whole even after FSDP training.
     return load_student(cache)
+
+
+def cache_teacher(teacher: torch.nn.Module, cache: Path, *, card: dict, name: str) -> None:
+    """Save a trained teacher to `cache` whole or not at all: written beside it, then renamed. The temporary folder
+    has one fixed name, so a folder left by a killed run is cleared and reused; if the rename fails, the trained
+    teacher stays there and the error names it."""
+    check_finite_weights(teacher, name=name)
+    tmp = cache.with_name(f".{cache.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_student(teacher, tmp, card=card)
+    try:
+        os.replace(tmp, cache)
+    except OSError as err:
+        raise TeacherLoadError(
+            f"the trained teacher could not be moved to {str(cache)!r} ({type(err).__name__}: {err}); it is kept, "
+            f"complete, at {str(tmp)!r}: move it there yourself, or pass --teacher {tmp}"
+        ) from err
 
 
 def run_kd(recipe, args, data, teacher, callbacks=(), student=None) -> list:

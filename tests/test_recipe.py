@@ -23,7 +23,7 @@ import torch
 from hub_server import LoopbackHub
 from transformers import AutoModelForImageClassification, EvalPrediction
 
-from hf_kdsearch import count_flops, save_student
+from hf_kdsearch import TeacherLoadError, count_flops, save_student
 from hf_kdsearch.data import DatasetLoadError, load_image_dataset, to_uint8_tensors
 from hf_kdsearch.metrics import TOPK_ACCURACY_PATH, TopKAccuracy, load_topk_accuracy
 
@@ -394,6 +394,31 @@ def test_a_non_empty_teacher_cache_dir_and_an_unwritable_search_folder_fail_befo
     (out / "search").write_text("a file where the report's folder goes")
     with pytest.raises(recipe.RecipeConfigError, match=r"the search report's folder .*search' is not writable"):
         recipe.main([*common, "--method", "search", "--output_dir", str(out)])
+
+
+def test_the_teacher_cache_is_written_whole_and_a_failed_rename_keeps_the_teacher(tmp_path):
+    recipe = load_recipe_module()
+    teacher = timm.create_model("cifar_resnet8", num_classes=10)
+    stale = tmp_path / ".cache.tmp"
+    stale.mkdir()
+    (stale / "config.json").write_text("{half written by a killed run")
+    recipe.cache_teacher(teacher, tmp_path / "cache", card={}, name="t")
+    assert not stale.exists() and {"config.json", "model.safetensors"} <= {
+        p.name for p in (tmp_path / "cache").iterdir()
+    }
+    # The cache got filled by someone else during stage 1: the trained teacher is kept and named, not thrown away.
+    with pytest.raises(
+        TeacherLoadError, match=r"could not be moved to .*cache.* it is kept, complete, at .*\.cache\.tmp"
+    ):
+        recipe.cache_teacher(teacher, tmp_path / "cache", card={}, name="t")
+    kept = timm.create_model(f"local-dir:{stale}", pretrained=True)
+    torch.testing.assert_close(kept.state_dict(), teacher.state_dict())
+    nan = timm.create_model("cifar_resnet8", num_classes=10)
+    with torch.no_grad():
+        nan.fc.bias[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="the stage-1 teacher has NaN"):
+        recipe.cache_teacher(nan, tmp_path / "other", card={}, name="the stage-1 teacher")
+    assert not (tmp_path / "other").exists()
 
 
 def test_an_unreachable_flops_budget_fails_before_stage_1_trains_the_teacher(cifar_copies, tmp_path):
