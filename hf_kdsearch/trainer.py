@@ -192,10 +192,15 @@ class LossMetricsMixin:
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        logs.update(self._flush_metrics(mode))
+        recorded = self._flush_metrics(mode)
+        logs.update(recorded)
         if mode == "train":
             # The values are on the host already: checking them costs nothing, and no step pays a sync for it.
-            self._raise_if_diverged(logs)
+            # grad_norm is left out: under fp16 an infinite norm is the loss scaler's normal skipped step.
+            checked = dict(recorded)
+            if "loss" in logs:
+                checked["loss"] = logs["loss"]
+            self._raise_if_diverged(checked)
         super().log(logs, *args, **kwargs)
 
     # ---- divergence --------------------------------------------------------------------------------------------------
