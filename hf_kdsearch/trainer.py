@@ -231,6 +231,14 @@ class LossMetricsMixin:
         self._raise_if_diverged(pending, when="before saving a checkpoint")
         super()._save_checkpoint(model, trial)
 
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed from a checkpoint taken at max_steps in the middle of an epoch, the Trainer (transformers 5.24) runs
+        # the rest of that epoch until one more optimizer step is done. A finished run has nothing left to train.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return
+        super()._run_epoch(*args, **kwargs)
+
     # ---- saving ------------------------------------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # A model that is not a PreTrainedModel (timm, plain modules) is saved as its raw state dict with safetensors,

@@ -139,6 +139,17 @@ def test_kd_trains_the_teacher_once_then_search_reuses_it_and_pushes(cifar_copie
     assert "logit distillation" in card and "recipes/cifar100.py --method kd" in card
     assert "trained by stage 1" in card and "top1" in card and "top5" in card
 
+    # Every stage saved a checkpoint of its channels_last model; --resume continues from the last one (here, the
+    # end of the run) and gives the same student.
+    assert (out / "distill" / "checkpoint-2" / "trainer_state.json").is_file()
+    student = file_hash(out / "student" / "model.safetensors")
+    again = run_recipe(
+        "--method", "kd", *arch, "--student", "cifar_resnet8", *tiny(cifar_copies["parquet"], out), "--resume",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    assert f"resuming from {out / 'distill' / 'checkpoint-2'}" in again.stdout
+    assert file_hash(out / "student" / "model.safetensors") == student
+
     cached = file_hash(cache / "model.safetensors")
     with LoopbackHub(timeout=500) as hub:
         args = tiny(cifar_copies["parquet"], out, "--push_to_hub", "--hub_model_id", "user/cifar-search")

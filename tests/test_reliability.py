@@ -55,6 +55,21 @@ def test_channels_last_timm_student_checkpoints_and_resumes_to_the_same_weights(
     assert not torch.equal(full[first], next(iter(resnet8().state_dict().values())))  # it did train
 
 
+def test_resuming_from_the_final_checkpoint_mid_epoch_trains_no_further_step(tmp_path):
+    # max_steps=2 ends half-way through a 4-step epoch; the Trainer alone would train step 3 on resume.
+    def run(resume=None):
+        args = tiny_args(tmp_path, max_steps=2, save_strategy="epoch")
+        trainer = ClassificationTrainer(model=resnet8(), args=args, train_dataset=random_images(64))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run()
+    resumed = run(str(tmp_path / "checkpoint-2"))
+    assert resumed.state.global_step == 2 and not (tmp_path / "checkpoint-3").exists()
+    for name, tensor in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], tensor), name
+
+
 # ---- a diverging student -----------------------------------------------------------------------------------------
 class PoisonAfter(TrainerCallback):
     """Turn one student weight into NaN after optimizer step `step`, as a diverging update would."""
