@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from transformers import EvalPrediction, Trainer, TrainingArguments
 
+from .checks import check_finite_weights
 from .config import DistillationArguments
 from .hub import save_student
 from .losses import feature_mse, kd_loss, mixed_cross_entropy
@@ -223,11 +224,17 @@ class OnlineEnsemble(nn.Module):
         Each folder loads on its own with `timm.create_model("local-dir:<folder>", pretrained=True)` or
         `AutoModelForImageClassification`. Student j's model card gets `card`'s entries, `method="ensemble"`, its
         stage widths, its size relative to student 0 and, if given, `accuracies[j]`. To publish one student, use
-        `push_student(ens.export_student(j), repo_id, card=...)`.
+        `push_student(ens.export_student(j), repo_id, card=...)`; save them all here first, so a failed push loses
+        nothing.
+
+        Every student is exported and checked (finite weights, input size) before the first folder is written, so a
+        student that cannot be saved stops the call before it writes anything.
         """
         if accuracies is not None and len(accuracies) != self.num_students:
             raise ValueError(f"accuracies has {len(accuracies)} entries for {self.num_students} students")
         students = [self.export_student(j) for j in range(self.num_students)]
+        for j, student in enumerate(students):
+            check_finite_weights(student, name=f"student{j}")
         input_size = tuple(students[0].pretrained_cfg.get("input_size", ()))
         if input_size[:1] != (self.in_chans,):
             # The saved config tells loaders (and the FLOPs count) what input to feed; a CIFAR default of 3 channels

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,6 +43,9 @@ from .gates import (
 from .trainer import DistillationCallback
 
 __all__ = ["GateSearchCallback", "search_report", "plot_widths"]
+
+#: The GateSearchCallback each model's Trainer was built with, so that a copy restored from a checkpoint can find it.
+_PASSED_IN: weakref.WeakKeyDictionary[nn.Module, GateSearchCallback] = weakref.WeakKeyDictionary()
 
 REPORT_JSON = "search_report.json"
 REPORT_PNG = "search_widths.png"
@@ -72,12 +77,16 @@ class GateSearchCallback(DistillationCallback, ExportableState):
        grow back while the others stay near zero.
     The update is computed on the device, with no host sync. `lambda` is the callback's state: it is saved in
     `trainer_state.json` at every checkpoint and restored on `resume_from_checkpoint` (the gates are parameters,
-    so they come back with the model).
+    so they come back with the model). With `restore_callback_states_from_checkpoint=True` the Trainer swaps the
+    callback for a copy rebuilt from the checkpoint; the copy shares its state with the object you passed in, so
+    `report`, `report_files` and `current_l1_weight` are read from your object either way.
 
-    At the end of training, on the main process, the callback extracts the student at the budget and writes a JSON
-    summary (`search_report.json`: FLOPs, parameters and per-layer widths of teacher and student) and a bar chart of
-    the per-layer widths (`search_widths.png`) to `report_dir` (default: `args.output_dir`). `self.report` holds
-    the summary, `self.report_files` the two paths, and `self.card()` the fields for `hub.save_student(card=...)`.
+    At the start of training the main process checks that `report_dir` is writable, so that a bad folder fails
+    before the search rather than after it. At the end of training, on the main process, the callback extracts the
+    student at the budget and writes a JSON summary (`search_report.json`: FLOPs, parameters and per-layer widths of
+    teacher and student) and a bar chart of the per-layer widths (`search_widths.png`) to `report_dir` (default:
+    `args.output_dir`), each written beside its name and renamed into place. `self.report` holds the summary,
+    `self.report_files` the two paths, and `self.card()` the fields for `hub.save_student(card=...)`.
 
     Args:
         target_flops_ratio: the FLOPs budget as a fraction of the teacher's, in (0, 1].
@@ -165,8 +174,35 @@ class GateSearchCallback(DistillationCallback, ExportableState):
             self.current_l1_weight = stored["attributes"]["current_l1_weight"]
 
     # ---- set-up ------------------------------------------------------------------------------------------------------
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        # The object the user passed in; a copy the Trainer rebuilds from a checkpoint never receives this event.
+        _PASSED_IN[unwrap_model(kwargs["model"])] = self
+
+    def _share_state_with_passed_in(self, model: nn.Module) -> None:
+        """With `restore_callback_states_from_checkpoint=True`, the Trainer replaces the callback the user holds by
+        a new one rebuilt from the checkpoint. The two then share one state, so the user's object sees the restored
+        `lambda`, the schedule and, after training, `report` and `report_files`."""
+        passed = _PASSED_IN.get(model)
+        if passed is not None and passed is not self and type(passed) is type(self):
+            passed.__dict__ = self.__dict__
+
+    def _check_report_dir(self, args: TrainingArguments) -> None:
+        """Fail before the search, not after it, when the report cannot be written."""
+        out = Path(self.report_dir or args.output_dir)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=out):
+                pass
+        except OSError as err:
+            raise PermissionError(
+                f"GateSearchCallback cannot write its report to {str(out)!r} ({type(err).__name__}: {err}); pass a "
+                "writable report_dir (or output_dir), or write_report=False"
+            ) from err
+
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         model = unwrap_model(kwargs["model"])
+        if self.write_report and state.is_world_process_zero:
+            self._check_report_dir(args)
         plan = gate_plan(model)
         self.input_size = self.input_size or _default_input_size(model)
         plan.measure(model, self.input_size)
@@ -183,6 +219,7 @@ class GateSearchCallback(DistillationCallback, ExportableState):
         self._lambda = torch.tensor(self.current_l1_weight, device=device, dtype=torch.float32)
         self.warmup_steps = math.ceil(self.warmup_ratio * state.max_steps)
         self._ready = True
+        self._share_state_with_passed_in(model)
 
     def _warmup_factor(self, step: int) -> float:
         # `step` optimizer steps are done, so this is step `step + 1`.
@@ -231,8 +268,12 @@ class GateSearchCallback(DistillationCallback, ExportableState):
             },
         }
         out.mkdir(parents=True, exist_ok=True)
-        (out / REPORT_JSON).write_text(json.dumps(self.report, indent=2) + "\n")
-        plot_widths(self.report, out / REPORT_PNG)
+        # Each file is written beside its final name and renamed: a kill leaves the previous file or the new one.
+        tmp_json, tmp_png = out / f".{REPORT_JSON}.tmp", out / f".tmp.{REPORT_PNG}"
+        tmp_json.write_text(json.dumps(self.report, indent=2) + "\n")
+        plot_widths(self.report, tmp_png)
+        os.replace(tmp_json, out / REPORT_JSON)
+        os.replace(tmp_png, out / REPORT_PNG)
         self.report_files = [str(out / REPORT_JSON), str(out / REPORT_PNG)]
 
     def card(self, **extra) -> dict:

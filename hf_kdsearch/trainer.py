@@ -26,13 +26,14 @@ in `log()`, so they reach `log_history` and every `report_to` integration.
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.training_args import ParallelMode
 
 from .batch import LOSS_KEYS, batch_size, forward_model, logits_of, num_classes, takes_keywords, unwrap
@@ -180,7 +181,8 @@ class LossMetricsMixin:
             self.record_metric(name, value, "eval")
         return output
 
-    def _flush_metrics(self, mode: str) -> dict[str, float]:
+    def _metric_means(self, mode: str) -> dict[str, float]:
+        """Means of the recorded values since the last log, averaged over ranks (a collective: every rank calls it)."""
         store = self._metrics[mode]
         if not store:
             return {}
@@ -193,14 +195,73 @@ class LossMetricsMixin:
         )
         if self.accelerator.num_processes > 1:
             means = self.accelerator.reduce(means, reduction="mean")
-        store.clear()
+        return dict(zip(names, means.tolist()))
+
+    def _flush_metrics(self, mode: str) -> dict[str, float]:
+        means = self._metric_means(mode)
+        self._metrics[mode].clear()
         prefix = "eval_" if mode == "eval" else ""
-        return {f"{prefix}{n}": round(v, 6) for n, v in zip(names, means.tolist())}
+        return {f"{prefix}{n}": round(v, 6) for n, v in means.items()}
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        logs.update(self._flush_metrics(mode))
+        recorded = self._flush_metrics(mode)
+        logs.update(recorded)
+        if mode == "train":
+            # The values are on the host already: checking them costs nothing, and no step pays a sync for it.
+            # grad_norm is left out: under fp16 an infinite norm is the loss scaler's normal skipped step.
+            checked = dict(recorded)
+            if "loss" in logs:
+                checked["loss"] = logs["loss"]
+            self._raise_if_diverged(checked)
         super().log(logs, *args, **kwargs)
+
+    # ---- divergence --------------------------------------------------------------------------------------------------
+    def _raise_if_diverged(self, values: Mapping[str, float], when: str = "logged") -> None:
+        """Stop training when a logged loss term or metric is NaN or infinite.
+
+        `logging_nan_inf_filter` (on by default) replaces a non-finite step loss by the mean of the losses logged
+        before it, so `loss` alone can read 0.0 on a diverged run; the recorded terms are never filtered.
+        """
+        bad = {k: v for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)}
+        if not bad:
+            return
+        terms = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+        raise FloatingPointError(
+            f"training diverged: non-finite {terms} {when} at global step {self.state.global_step} (means over the "
+            "steps since the previous log). Training was stopped before this step's checkpoint, so the checkpoints "
+            f"under {self.args.output_dir!r} hold earlier weights. Lower the learning rate, clip gradients "
+            "(max_grad_norm), use bf16 rather than fp16, or check the inputs for NaN/inf."
+        )
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Steps since the last log are checked here (one host sync per checkpoint), so a checkpoint between two logs
+        # never stores a diverged student.
+        pending = self._metric_means("train")
+        tr_loss = getattr(self, "_tr_loss", None)  # the Trainer's running loss sum (transformers >= 5)
+        if isinstance(tr_loss, torch.Tensor):
+            pending["loss"] = float(self.accelerator.reduce(tr_loss.detach().clone(), reduction="mean"))
+        self._raise_if_diverged(pending, when="before saving a checkpoint")
+        super()._save_checkpoint(model, trial)
+
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed from a checkpoint taken at max_steps in the middle of an epoch, the Trainer (transformers 5.24) runs
+        # the rest of that epoch until one more optimizer step is done. A finished run has nothing left to train.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return
+        super()._run_epoch(*args, **kwargs)
+
+    # ---- saving ------------------------------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # A model that is not a PreTrainedModel (timm, plain modules) is saved as its raw state dict with safetensors,
+        # which refuses strided tensors: channels_last conv weights, and views some compiled or extracted models hold.
+        unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if self.args.should_save and not isinstance(unwrapped, PreTrainedModel):
+            if state_dict is None:
+                state_dict = self.model.state_dict()
+            state_dict = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in state_dict.items()}
+        super()._save(output_dir, state_dict=state_dict)
 
 
 class DistillationMixin(LossMetricsMixin):

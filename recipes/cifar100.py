@@ -12,7 +12,8 @@ Methods (METHODS.md):
   scratch, taught by their own ensemble; no teacher. Every student is saved.
 
 Defaults follow the papers' recipes: 240 epochs, batch 64, SGD momentum 0.9, weight decay 5e-4, lr 0.05 x0.1 at
-epochs 150/180/210 (KD, UNIX, search); the ensemble uses Nesterov SGD, lr 0.1 x0.1 at 50 % and 75 % of 450 epochs.
+epochs 150/180/210 (KD, UNIX, search); the ensemble follows its authors' released CIFAR-100 configs: Adam, lr 1e-3,
+weight decay 1e-5, batch 128, lr x0.1 at 57 % and 86 % of 350 epochs (epochs 200 and 300).
 Every `DistillationArguments` / `TrainingArguments` flag works (`--bf16`, `--torch_compile`, `--alpha`, ...), and
 `--lr_scheduler_type` replaces the step decay when given.
 
@@ -27,7 +28,13 @@ caches it as `<output_dir>/teacher-<name>` (or `--teacher_cache_dir`); the next 
 
 Outputs: `<output_dir>/student` (`student0..S-1` for the ensemble), loadable by
 `timm.create_model("local-dir:...", pretrained=True)` and `AutoModelForImageClassification.from_pretrained`, with a
-model card. `--push_to_hub --hub_model_id user/name` pushes it (ensemble: `user/name-student{j}`).
+model card. `--push_to_hub --hub_model_id user/name` pushes it (ensemble: `user/name-student{j}`) once every student
+is saved locally; a failed push names the saved folders.
+
+Reliability (docs/reliability.md): every setting that can be checked is checked before any training; `--seed` fixes
+every model's initial weights, so two identical runs give identical students; each stage saves a checkpoint every
+epoch, and a run killed at any point continues with `--resume` to the same final student; a diverging student stops
+with an error naming the step and the term, and a student with NaN weights is never saved.
 
 Evidence: none on CIFAR-100 yet. This recipe was written and tested in a session without a GPU and without internet
 access; the tests run every method for 2 steps on a small random dataset with the CIFAR-100 schema
@@ -44,13 +51,14 @@ import os
 import shlex
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
 import torch
-from transformers import HfArgumentParser
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import HfArgumentParser, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_kdsearch import (
     ClassificationTrainer,
@@ -69,8 +77,10 @@ from hf_kdsearch import (
     push_student,
     save_student,
 )
+from hf_kdsearch.checks import check_finite_weights
 from hf_kdsearch.data import DatasetLoadError, load_image_dataset, to_uint8_tensors
 from hf_kdsearch.fastpath import DeviceImageDataset
+from hf_kdsearch.gates import check_budget, gate_plan
 from hf_kdsearch.hub import HubUnavailableError
 from hf_kdsearch.metrics import TopKAccuracy
 
@@ -118,7 +128,7 @@ class RecipeArguments:
         default_factory=lambda: [150 / 240, 180 / 240, 210 / 240],
         metadata={
             "help": "Step decay points, as fractions of each stage's optimizer steps (150/180/210 of 240 epochs by "
-            "default; 0.5 0.75 for the ensemble). Ignored when --lr_scheduler_type is given."
+            "default; 0.57 0.86 for the ensemble, i.e. 200/300 of 350). Ignored when --lr_scheduler_type is given."
         },
     )
     lr_decay_factor: float = field(default=0.1, metadata={"help": "Learning-rate factor at each decay point."})
@@ -176,8 +186,15 @@ METHOD_DEFAULTS = {
     "kd": dict(alpha=0.9, temperature=4.0),
     "unix": dict(alpha=1.0, temperature=4.0),
     "search": dict(alpha=0.9, temperature=4.0),
+    # BOC-KD's released CIFAR-100 configs: Adam, lr 1e-3, weight decay 1e-5, batch 128, x0.1 at epochs 200 and 300.
     "ensemble": dict(
-        learning_rate=0.1, optim_args="momentum=0.9,nesterov=True", num_train_epochs=450, lr_decay_at=[0.5, 0.75]
+        optim="adamw_torch",
+        optim_args=None,
+        learning_rate=1e-3,
+        weight_decay=1e-5,
+        per_device_train_batch_size=128,
+        num_train_epochs=350,
+        lr_decay_at=[200 / 350, 300 / 350],  # 0.57 and 0.86
     ),
 }
 
@@ -286,13 +303,33 @@ def run_stage(trainer_cls, recipe, args, data, *, step_decay: bool = True, **kwa
         preprocess_logits_for_metrics=kwargs["compute_metrics"].rank,
         **kwargs,
     )
-    checkpoint = get_last_checkpoint(args.output_dir) if recipe.resume and os.path.isdir(args.output_dir) else None
+    checkpoint = last_complete_checkpoint(args.output_dir) if recipe.resume else None
+    if checkpoint is not None:
+        log(args, f"resuming from {checkpoint}")
     trainer.train(resume_from_checkpoint=checkpoint)
     # The per-epoch evaluation usually ran at the last step already; evaluate again only if it did not.
     last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
     if last is None or last.get("step") != trainer.state.global_step:
         last = trainer.evaluate()
     return trainer, last
+
+
+def last_complete_checkpoint(folder: str) -> str | None:
+    """The newest `checkpoint-N` in `folder` that was written to the end. The Trainer writes `trainer_state.json`
+    last, so a checkpoint without it was cut short by a kill and is skipped."""
+    if not os.path.isdir(folder):
+        return None
+    steps = []
+    for name in os.listdir(folder):
+        prefix, _, step = name.partition("-")
+        path = os.path.join(folder, name)
+        if (
+            prefix == PREFIX_CHECKPOINT_DIR
+            and step.isdigit()
+            and os.path.isfile(os.path.join(path, "trainer_state.json"))
+        ):
+            steps.append((int(step), path))
+    return max(steps)[1] if steps else None
 
 
 def full_model(trainer) -> torch.nn.Module | None:
@@ -326,7 +363,7 @@ def get_teacher(recipe, args, data) -> tuple[torch.nn.Module, dict]:
         teacher = load_teacher(recipe.teacher)
         info = {"teacher": recipe.teacher}
     else:
-        cache = Path(recipe.teacher_cache_dir or os.path.join(args.output_dir, f"teacher-{recipe.teacher}"))
+        cache = teacher_cache(recipe, args)
         if (cache / "model.safetensors").is_file():
             config = json.loads((cache / "config.json").read_text())
             if config.get("architecture") != recipe.teacher or config.get("num_classes") != num_classes:
@@ -363,6 +400,7 @@ def get_teacher(recipe, args, data) -> tuple[torch.nn.Module, dict]:
 def train_teacher(recipe, args, data, cache: Path) -> torch.nn.Module:
     num_classes = data[3]
     log(args, f"stage 1: no trained weights for {recipe.teacher}; training it, then caching it at {cache}")
+    set_seed(args.seed)  # the initial weights depend on --seed alone, not on what ran before
     teacher = timm.create_model(recipe.teacher, num_classes=num_classes)
     changes = {}
     if recipe.teacher_epochs is not None:
@@ -374,19 +412,33 @@ def train_teacher(recipe, args, data, cache: Path) -> torch.nn.Module:
     )
     teacher = full_model(trainer)
     if trainer.is_world_process_zero():
-        # Written beside the cache and renamed, so an interrupted run never leaves a half-written teacher to reuse.
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         card = card_base(recipe, args, data, method="alone", metrics=percent(metrics))
-        save_student(teacher, tmp, card=card)
-        os.replace(tmp, cache)
+        cache_teacher(teacher, cache, card=card, name=f"the stage-1 teacher {recipe.teacher}")
     trainer.accelerator.wait_for_everyone()
     # Every rank continues from the cached copy: the same weights everywhere, whole even after FSDP training.
     return load_student(cache)
 
 
+def cache_teacher(teacher: torch.nn.Module, cache: Path, *, card: dict, name: str) -> None:
+    """Save a trained teacher to `cache` whole or not at all: written beside it, then renamed. The temporary folder
+    has one fixed name, so a folder left by a killed run is cleared and reused; if the rename fails, the trained
+    teacher stays there and the error names it."""
+    check_finite_weights(teacher, name=name)
+    tmp = cache.with_name(f".{cache.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_student(teacher, tmp, card=card)
+    try:
+        os.replace(tmp, cache)
+    except OSError as err:
+        raise TeacherLoadError(
+            f"the trained teacher could not be moved to {str(cache)!r} ({type(err).__name__}: {err}); it is kept, "
+            f"complete, at {str(tmp)!r}: move it there yourself, or pass --teacher {tmp}"
+        ) from err
+
+
 def run_kd(recipe, args, data, teacher, callbacks=(), student=None) -> list:
     if student is None:
+        set_seed(args.seed)
         student = timm.create_model(recipe.student, num_classes=data[3])
     trainer, metrics = run_stage(
         DistillationTrainer,
@@ -437,6 +489,11 @@ def run_search(recipe, args, data, teacher) -> list:
         teacher_model=teacher,
         callbacks=[search],
     )
+    if args.process_index == 0 and not search.report_files:
+        raise RuntimeError(
+            f"the search phase ended without its report in {search_args.output_dir}; the student is not published "
+            "without it"
+        )
     student = extract_student(gated, target_flops_ratio=recipe.target_flops_ratio, input_size=input_size)
     log(args, f"search phase done: found student with {count_flops(student, input_size):,} FLOPs")
     [(name, student, card, _)] = run_kd(recipe, args, data, teacher, student=student)
@@ -446,6 +503,7 @@ def run_search(recipe, args, data, teacher) -> list:
 
 
 def run_ensemble(recipe, args, data) -> list:
+    set_seed(args.seed)
     ens = build_ensemble(recipe.student, num_students=recipe.num_students, num_classes=data[3])
     heads = [f"student{j}" for j in range(recipe.num_students)] + ["ensemble"]
     if args.image_mean is None:
@@ -491,20 +549,49 @@ def card_base(recipe, args, data, **fields) -> dict:
     return card
 
 
+class PublishError(RuntimeError):
+    """A push failed after every student had been saved locally; the message names the folders."""
+
+
 def publish(recipe, args, data, hub, results, teacher_info) -> list[str]:
-    """Save every student under output_dir (main process) and push it when asked; returns the folders."""
-    folders = []
+    """Save every student under output_dir (main process), then push them when asked; returns the folders.
+
+    Every student is checked and saved before the first push, so a Hub that is down or refuses a push loses nothing.
+    """
+    for name, model, _, _ in results:
+        check_finite_weights(model, name=name)  # before any folder is written: no half-published ensemble
+    saved = []
     for name, model, card, files in results:
         card = card_base(recipe, args, data, method=recipe.method, **teacher_info, **card)
         folder = os.path.join(args.output_dir, name)
         save_student(model, folder, card=card, files=files)
-        folders.append(folder)
+        saved.append((name, model, card, files, folder))
         log(args, f"saved {name} to {folder}: {card.get('metrics')}")
-        if hub["push"]:
-            repo = hub["repo_id"] if len(results) == 1 else f"{hub['repo_id']}-{name}"
+    folders = [folder for *_, folder in saved]
+    if not hub["push"]:
+        return folders
+    targets = hub_targets(hub, saved)
+    pushed = []
+    for (name, model, card, files, _), (repo, _) in zip(saved, targets):
+        try:
             url = push_student(model, repo, card=card, files=files, token=hub["token"], private=hub["private"])
-            log(args, f"pushed {name} to {url}")
+        except Exception as err:
+            left = [(r, f) for r, f in targets if r not in pushed]
+            raise PublishError(
+                f"pushing {name} to {repo!r} failed ({type(err).__name__}: {err}).\n"
+                f"Every student was saved first: {', '.join(folders)}.\n"
+                f"Pushed: {', '.join(pushed) or 'none'}. Push the rest later with: "
+                + "; ".join(f"hf upload {r} {f}" for r, f in left)
+            ) from err
+        pushed.append(repo)
+        log(args, f"pushed {name} to {url}")
     return folders
+
+
+def hub_targets(hub: dict, saved: list) -> list[tuple[str, str]]:
+    """(repo id, local folder) of each saved student."""
+    one = len(saved) == 1
+    return [(hub["repo_id"] if one else f"{hub['repo_id']}-{name}", folder) for name, *_, folder in saved]
 
 
 def log(args, message: str) -> None:
@@ -512,11 +599,109 @@ def log(args, message: str) -> None:
         print(f"[cifar100] {message}", flush=True)
 
 
+# ---- checks before any training ---------------------------------------------------------------------------------
+class RecipeConfigError(ValueError):
+    """A setting that would fail later in the run; raised before any data is decoded or any stage trains."""
+
+
+def check_writable(folder: str | Path, what: str) -> None:
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise RecipeConfigError(f"{what} {str(folder)!r} is not writable ({type(err).__name__}: {err})") from err
+
+
+def teacher_cache(recipe, args) -> Path:
+    return Path(recipe.teacher_cache_dir or os.path.join(args.output_dir, f"teacher-{recipe.teacher}"))
+
+
+def validate(recipe, args, hub) -> None:
+    """Every check that needs neither data nor training, so that a typo never costs a trained stage."""
+
+    def fail(message: str):
+        raise RecipeConfigError(message)
+
+    check_writable(args.output_dir, "--output_dir")
+    if not all(0 < m <= 1 for m in recipe.lr_decay_at):
+        fail(f"--lr_decay_at takes fractions of the run in (0, 1], got {recipe.lr_decay_at}")
+    if not recipe.lr_decay_factor > 0:
+        fail(f"--lr_decay_factor must be > 0, got {recipe.lr_decay_factor}")
+    for flag in ("teacher_epochs", "teacher_max_steps", "search_max_steps"):
+        value = getattr(recipe, flag)
+        if value is not None and not value > 0:
+            fail(f"--{flag} must be > 0, got {value}")
+    if recipe.method != "search" and not timm.is_model(recipe.student):
+        fail(f"--student {recipe.student!r} is not a timm architecture")
+    try:
+        if recipe.method == "unix":
+            UncertaintyMixupCallback(select_ratio=recipe.select_ratio, uncertainty=recipe.uncertainty)
+        if recipe.method == "search":
+            GateSearchCallback(target_flops_ratio=recipe.target_flops_ratio, l1_weight=recipe.l1_weight)
+            check_writable(os.path.join(args.output_dir, "search"), "the search report's folder")
+            if not recipe.search_epochs > 0:
+                fail(f"--search_epochs must be > 0, got {recipe.search_epochs}")
+        if recipe.method == "ensemble" and recipe.num_students < 1:
+            fail(f"--num_students must be >= 1, got {recipe.num_students}")
+    except ValueError as err:
+        raise RecipeConfigError(f"--method {recipe.method}: {err}") from err
+    if hub["push"]:
+        repo = hub["repo_id"]
+        if repo.count("/") != 1 or not all(repo.split("/")):
+            fail(f"--hub_model_id must look like user/name, got {repo!r}")
+    if recipe.method != "ensemble" and is_architecture(recipe.teacher):
+        check_teacher_cache(recipe, args)
+
+
+def check_teacher_cache(recipe, args) -> None:
+    """The stage-1 cache is reused when it holds this teacher, written when it is new or empty; anything else is
+    refused now, before stage 1 trains a teacher that could not be stored."""
+    cache = teacher_cache(recipe, args)
+    if not cache.exists():
+        check_writable(cache.parent, "the folder of --teacher_cache_dir")
+        return
+    if not cache.is_dir():
+        raise RecipeConfigError(f"--teacher_cache_dir {str(cache)!r} is a file, not a folder")
+    if (cache / "model.safetensors").is_file():
+        try:
+            arch = json.loads((cache / "config.json").read_text()).get("architecture")
+        except (OSError, ValueError) as err:
+            raise RecipeConfigError(f"the cached teacher at {str(cache)!r} has no readable config.json: {err}") from err
+        if arch != recipe.teacher:
+            raise RecipeConfigError(
+                f"the cached teacher {str(cache)!r} is a {arch}, not a {recipe.teacher}; pass another "
+                "--teacher_cache_dir, or delete that folder"
+            )
+        return
+    if any(cache.iterdir()):
+        raise RecipeConfigError(
+            f"--teacher_cache_dir {str(cache)!r} is not empty and holds no trained teacher (no model.safetensors), "
+            f"so stage 1 could not store the teacher it trains there. Pass a new or empty folder, or the folder "
+            f"of an earlier stage 1 run for {recipe.teacher}"
+        )
+    check_writable(cache, "--teacher_cache_dir")
+
+
+def validate_with_data(recipe, args, data) -> None:
+    """The checks that need the class count or the image size, before stage 1 trains a teacher."""
+    if recipe.method == "search" and is_architecture(recipe.teacher):
+        # The budget must be reachable by the teacher stage 1 would train; checked on untrained weights of that shape.
+        gated = add_gates(timm.create_model(recipe.teacher, num_classes=data[3]))
+        plan = gate_plan(gated).measure(gated, tuple(data[0].images.shape[1:]))
+        try:
+            check_budget(plan, recipe.target_flops_ratio)
+        except ValueError as err:
+            raise RecipeConfigError(f"--target_flops_ratio: {err}") from err
+
+
 def main(argv: list[str] | None = None) -> list[str]:
     recipe, args, hub = parse_args(argv)
+    validate(recipe, args, hub)
     data = load_data(recipe, args)
     launch = f"{args.world_size} process(es), {args.distributed_state.distributed_type.name}, {args.device}"
     log(args, f"{len(data[0])} training and {len(data[1])} evaluation images, {data[3]} classes; {launch}")
+    validate_with_data(recipe, args, data)
     if recipe.method == "ensemble":
         teacher_info = {}
         results = run_ensemble(recipe, args, data)
@@ -545,8 +730,14 @@ def cli() -> int:
             f"error: {err}\nPass --teacher a local folder, a reachable Hub id, or a timm architecture.", file=sys.stderr
         )
         return 2
+    except RecipeConfigError as err:
+        print(f"error: {err}\nNothing was trained.", file=sys.stderr)
+        return 2
+    except PublishError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     except HubUnavailableError as err:
-        print(f"error: {err}\nThe student was saved under --output_dir; push it later.", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 3
     return 0
 

@@ -23,7 +23,7 @@ import torch
 from hub_server import LoopbackHub
 from transformers import AutoModelForImageClassification, EvalPrediction
 
-from hf_kdsearch import count_flops, save_student
+from hf_kdsearch import TeacherLoadError, count_flops, save_student
 from hf_kdsearch.data import DatasetLoadError, load_image_dataset, to_uint8_tensors
 from hf_kdsearch.metrics import TOPK_ACCURACY_PATH, TopKAccuracy, load_topk_accuracy
 
@@ -101,8 +101,6 @@ def tiny(dataset: Path, output_dir: Path, *extra) -> list:
         "8",
         "--per_device_eval_batch_size",
         "16",
-        "--save_strategy",
-        "no",
         "--use_cpu",
         "--seed",
         "0",
@@ -142,6 +140,17 @@ def test_kd_trains_the_teacher_once_then_search_reuses_it_and_pushes(cifar_copie
     card = (out / "student" / "README.md").read_text()
     assert "logit distillation" in card and "recipes/cifar100.py --method kd" in card
     assert "trained by stage 1" in card and "top1" in card and "top5" in card
+
+    # Every stage saved a checkpoint of its channels_last model; --resume continues from the last one (here, the
+    # end of the run) and gives the same student.
+    assert (out / "distill" / "checkpoint-2" / "trainer_state.json").is_file()
+    student = file_hash(out / "student" / "model.safetensors")
+    again = run_recipe(
+        "--method", "kd", *arch, "--student", "cifar_resnet8", *tiny(cifar_copies["parquet"], out), "--resume",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    assert f"resuming from {out / 'distill' / 'checkpoint-2'}" in again.stdout
+    assert file_hash(out / "student" / "model.safetensors") == student
 
     cached = file_hash(cache / "model.safetensors")
     with LoopbackHub(timeout=500) as hub:
@@ -322,14 +331,13 @@ def test_method_defaults_follow_the_papers(tmp_path):
     r, args, _ = recipe.parse_args(["--method", "unix", "--output_dir", str(tmp_path), "--use_cpu"])
     assert (args.alpha, args.temperature, r.select_ratio) == (1.0, 4.0, 0.75)
 
+    # The ensemble follows its authors' released CIFAR-100 configs: Adam, x0.1 at epochs 200 and 300 of 350.
     r, args, _ = recipe.parse_args(["--method", "ensemble", "--output_dir", str(tmp_path), "--use_cpu"])
-    assert (args.num_train_epochs, args.learning_rate, r.lr_decay_at, r.student) == (
-        450,
-        0.1,
-        [0.5, 0.75],
-        "cifar_resnet110",
-    )
-    assert args.optim_args == "momentum=0.9,nesterov=True"
+    assert (args.num_train_epochs, args.learning_rate, args.weight_decay) == (350, 1e-3, 1e-5)
+    assert r.student == "cifar_resnet110"
+    assert args.optim == "adamw_torch" and args.optim_args is None and args.per_device_train_batch_size == 128
+    assert [round(m * 350) for m in r.lr_decay_at] == [200, 300]
+    assert args.save_strategy == "epoch" and args.channels_last  # checkpoints of channels_last students by default
 
     r, args, hub = recipe.parse_args(
         ["--output_dir", str(tmp_path), "--use_cpu", "--learning_rate", "0.01", "--lr_scheduler_type", "cosine"]
@@ -357,3 +365,166 @@ def test_step_decay_multiplies_the_rate_at_each_fraction(tmp_path):
     assert rates[0] == rates[49] == pytest.approx(0.1)
     assert rates[50] == rates[74] == pytest.approx(0.01)
     assert rates[75] == rates[99] == pytest.approx(0.001)
+
+
+# ---- reliability: checks before training, seeds, kill and resume, local first ----------------------------------------
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--method", "unix", "--select_ratio", "1.5"], r"--method unix: select_ratio must lie in \(0, 1\], got 1.5"),
+        (["--method", "unix", "--uncertainty", "bogus"], r"--method unix: uncertainty must be one of"),
+        (["--method", "search", "--target_flops_ratio", "1.5"], r"target_flops_ratio must lie in \(0, 1\], got 1.5"),
+        (["--student", "cifar_resnet9000"], r"--student 'cifar_resnet9000' is not a timm architecture"),
+        (["--lr_decay_at", "0.5", "150"], r"--lr_decay_at takes fractions of the run in \(0, 1\]"),
+        (["--push_to_hub", "--hub_model_id", "no-namespace"], r"--hub_model_id must look like user/name"),
+    ],
+)
+def test_bad_settings_fail_before_anything_is_loaded_or_trained(tmp_path, flags, message):
+    recipe = load_recipe_module()
+    out = tmp_path / "run"
+    with pytest.raises(recipe.RecipeConfigError, match=message):
+        recipe.main(["--teacher", "cifar_resnet8", "--dataset_path", str(tmp_path / "no_data"),
+                     "--output_dir", str(out), "--use_cpu", *flags])  # fmt: skip
+    assert not (out / "stage1_teacher").exists()  # the dataset was not even read: it does not exist
+
+
+def test_a_non_empty_teacher_cache_dir_and_an_unwritable_search_folder_fail_before_stage_1(tmp_path):
+    recipe = load_recipe_module()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "notes.txt").write_text("someone else's folder")
+    common = ["--teacher", "cifar_resnet8", "--dataset_path", str(tmp_path / "no_data"), "--use_cpu"]
+    out = tmp_path / "run"
+    with pytest.raises(recipe.RecipeConfigError, match=r"--teacher_cache_dir .*cache' is not empty and holds no"):
+        recipe.main([*common, "--teacher_cache_dir", str(cache), "--output_dir", str(out)])
+    assert sorted(p.name for p in cache.iterdir()) == ["notes.txt"] and not (out / "stage1_teacher").exists()
+    # A cache holding another architecture is refused before training, too.
+    save_student(timm.create_model("cifar_resnet20", num_classes=10), tmp_path / "r20")
+    with pytest.raises(recipe.RecipeConfigError, match=r"is a cifar_resnet20, not a cifar_resnet8"):
+        recipe.main([*common, "--teacher_cache_dir", str(tmp_path / "r20"), "--output_dir", str(out)])
+    # The search report's folder is checked at the start, not after the search.
+    out.mkdir(exist_ok=True)
+    (out / "search").write_text("a file where the report's folder goes")
+    with pytest.raises(recipe.RecipeConfigError, match=r"the search report's folder .*search' is not writable"):
+        recipe.main([*common, "--method", "search", "--output_dir", str(out)])
+
+
+def test_the_teacher_cache_is_written_whole_and_a_failed_rename_keeps_the_teacher(tmp_path):
+    recipe = load_recipe_module()
+    teacher = timm.create_model("cifar_resnet8", num_classes=10)
+    stale = tmp_path / ".cache.tmp"
+    stale.mkdir()
+    (stale / "config.json").write_text("{half written by a killed run")
+    recipe.cache_teacher(teacher, tmp_path / "cache", card={}, name="t")
+    assert not stale.exists() and {"config.json", "model.safetensors"} <= {
+        p.name for p in (tmp_path / "cache").iterdir()
+    }
+    # The cache got filled by someone else during stage 1: the trained teacher is kept and named, not thrown away.
+    with pytest.raises(
+        TeacherLoadError, match=r"could not be moved to .*cache.* it is kept, complete, at .*\.cache\.tmp"
+    ):
+        recipe.cache_teacher(teacher, tmp_path / "cache", card={}, name="t")
+    kept = timm.create_model(f"local-dir:{stale}", pretrained=True)
+    torch.testing.assert_close(kept.state_dict(), teacher.state_dict())
+    nan = timm.create_model("cifar_resnet8", num_classes=10)
+    with torch.no_grad():
+        nan.fc.bias[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="the stage-1 teacher has NaN"):
+        recipe.cache_teacher(nan, tmp_path / "other", card={}, name="the stage-1 teacher")
+    assert not (tmp_path / "other").exists()
+
+
+def test_an_unreachable_flops_budget_fails_before_stage_1_trains_the_teacher(cifar_copies, tmp_path):
+    out = tmp_path / "run"
+    args = tiny(cifar_copies["parquet"], out, "--method", "search", "--teacher", "cifar_resnet8")
+    proc = run_recipe(*args, "--target_flops_ratio", "0.001", tmp_path=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "--target_flops_ratio" in proc.stderr and "Nothing was trained." in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "stage 1" not in proc.stdout and not (out / "stage1_teacher").exists()
+
+
+def last_checkpoint_step(folder: Path) -> int:
+    return max(int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*"))
+
+
+@pytest.fixture(scope="module")
+def kd_reference(cifar_copies, tmp_path_factory):
+    """An uninterrupted kd run with the recipe's defaults (channels_last, a checkpoint every epoch), stage 1
+    included: 2 epochs of 4 steps per stage on 32 images."""
+    tmp_path = tmp_path_factory.mktemp("kd_reference")
+    out = tmp_path / "run"
+    run_recipe(*kd_defaults(cifar_copies["parquet"], out), tmp_path=tmp_path)
+    return out
+
+
+def kd_defaults(dataset: Path, out: Path) -> list:
+    return [
+        "--method", "kd", "--teacher", "cifar_resnet8", "--student", "cifar_resnet8", "--dataset_path", dataset,
+        "--output_dir", out, "--num_train_epochs", "2", "--per_device_train_batch_size", "8",
+        "--per_device_eval_batch_size", "16", "--use_cpu", "--seed", "3",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_seed_makes_two_identical_runs_give_identical_students(cifar_copies, kd_reference, tmp_path):
+    # The stage-1 teacher and the student are built after the seed is set, each from the seed alone.
+    out = tmp_path / "run"
+    run_recipe(*kd_defaults(cifar_copies["parquet"], out), tmp_path=tmp_path)
+    for name in ("teacher-cifar_resnet8", "student"):
+        assert file_hash(out / name / "model.safetensors") == file_hash(kd_reference / name / "model.safetensors")
+    assert last_checkpoint_step(kd_reference / "distill") == 8  # defaults: a checkpoint every epoch, channels_last
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_student(cifar_copies, kd_reference, tmp_path):
+    out = tmp_path / "run"
+    args = kd_defaults(cifar_copies["parquet"], out)
+    killer = [sys.executable, str(ROOT / "tests" / "scripts" / "recipe_killed_after_save.py"), "distill", "--"]
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([*killer, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == 137, killed.stdout[-2000:] + killed.stderr[-3000:]
+    assert "[killed] after the checkpoint at step 4" in killed.stdout
+    assert not (out / "student").exists() and last_checkpoint_step(out / "distill") == 4
+    # A checkpoint cut short by a later kill (no trainer_state.json yet) is skipped by --resume.
+    (out / "distill" / "checkpoint-6").mkdir()
+    resumed = run_recipe(*args, "--resume", tmp_path=tmp_path)
+    assert "reusing the trained teacher cached at" in resumed.stdout
+    assert f"resuming from {out / 'distill' / 'checkpoint-4'}" in resumed.stdout
+    assert file_hash(out / "student" / "model.safetensors") == file_hash(kd_reference / "student" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_search_resumed_with_restored_callback_states_publishes_its_report(cifar_copies, teacher_folder, tmp_path):
+    out = tmp_path / "run"
+    args = tiny(cifar_copies["parquet"], out, "--method", "search", "--teacher", teacher_folder)
+    args = [a for a in args if a != "--max_steps" and a != "2"]  # whole epochs: 4 steps each
+    args += ["--search_epochs", "2", "--num_train_epochs", "1", "--restore_callback_states_from_checkpoint", "True"]
+    killer = [sys.executable, str(ROOT / "tests" / "scripts" / "recipe_killed_after_save.py"), "search", "--"]
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([*killer, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == 137, killed.stdout[-2000:] + killed.stderr[-3000:]
+    run_recipe(*args, "--resume", tmp_path=tmp_path)
+    files = {p.name for p in (out / "student").iterdir()}
+    assert {"search_report.json", "search_widths.png"} <= files
+    assert json.loads((out / "student" / "search_report.json").read_text())["search"]["global_step"] == 8
+    assert "![search_widths](search_widths.png)" in (out / "student" / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_ensemble_push_with_the_hub_down_saves_every_student_first(cifar_copies, tmp_path):
+    out = tmp_path / "run"
+    args = tiny(cifar_copies["disk"], out, "--student", "cifar_resnet8", "--num_students", "2")
+    hub = LoopbackHub().start()
+    env = hub.env(tmp_path / "hf_home")
+    hub.stop()  # the endpoint now refuses connections: the Hub is down
+    proc = run_recipe(
+        "--method", "ensemble", *args, "--push_to_hub", "--hub_model_id", "user/ens", tmp_path=tmp_path, env=env,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for j in range(2):
+        assert_loadable(out / f"student{j}")
+        assert str(out / f"student{j}") in proc.stderr
+        assert f"hf upload user/ens-student{j} {out / f'student{j}'}" in proc.stderr
+    assert "Pushed: none" in proc.stderr and "Traceback" not in proc.stderr

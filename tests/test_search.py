@@ -154,16 +154,36 @@ def test_resume_mid_search_restores_gates_and_lambda(tmp_path, trainer_restores)
         )  # fmt: skip
         trainer.train(resume_from_checkpoint=resume)
         used = next(c for c in trainer.callback_handler.callbacks if isinstance(c, GateSearchCallback))
-        return gate_parameters(trainer.model), used
+        # The object the user holds sees what the callback in use saw, even when the Trainer swapped it for a copy.
+        assert cb.report is not None and cb.report == used.report and cb.report_files == used.report_files
+        assert cb.current_l1_weight == used.current_l1_weight and cb.warmup_steps == used.warmup_steps
+        return gate_parameters(trainer.model), cb
 
     full_gates, full_cb = run(tmp_path / "full")
     state = json.loads((tmp_path / "full" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["stateful_callbacks"]["GateSearchCallback"]["attributes"]["current_l1_weight"] == pytest.approx(1.2**4)
     resumed_gates, resumed_cb = run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-4"))
     assert resumed_cb.current_l1_weight == pytest.approx(full_cb.current_l1_weight) == pytest.approx(1.2**8)
+    assert resumed_cb.report["search"]["global_step"] == 8
+    assert resumed_cb.report_files == [
+        str(tmp_path / "resumed" / "search_report.json"),
+        str(tmp_path / "resumed" / "search_widths.png"),
+    ]
     for name in full_gates:
         torch.testing.assert_close(resumed_gates[name], full_gates[name], msg=name)
         assert not torch.equal(full_gates[name], torch.ones_like(full_gates[name]))
+
+
+def test_unwritable_report_dir_fails_before_the_first_step(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    cb = GateSearchCallback(target_flops_ratio=0.5, input_size=SIZE, report_dir=str(tmp_path / "a_file" / "report"))
+    trainer = trainer_for(tmp_path, cb)
+    with pytest.raises(PermissionError, match=r"cannot write its report to .*a_file/report.*writable report_dir"):
+        trainer.train()
+    assert trainer.state.global_step == 0  # not after the whole search
+    # write_report=False needs no folder.
+    trainer_for(tmp_path, GateSearchCallback(target_flops_ratio=0.5, input_size=SIZE, report_dir=cb.report_dir,
+                                             write_report=False)).train()  # fmt: skip
 
 
 def test_callback_rejects_bad_settings_and_ungated_models(tmp_path):
