@@ -8,11 +8,11 @@ from torch import nn
 __all__ = ["NonFiniteWeightsError", "check_finite_weights"]
 
 
-class NonFiniteWeightsError(FloatingPointError):
+class NonFiniteWeightsError(FloatingPointError, ValueError):
     """A model holds NaN or infinite weights, so it must not be saved or published as a result."""
 
 
-def check_finite_weights(model: nn.Module, *, name: str = "the model") -> None:
+def check_finite_weights(model: nn.Module, *, name: str = "the model", override: str | None = None) -> None:
     """Raise `NonFiniteWeightsError` if a parameter or floating-point buffer of `model` holds NaN or inf.
 
     The message names the tensors (at most five) and how many values are bad in each. It costs one read of every
@@ -21,6 +21,7 @@ def check_finite_weights(model: nn.Module, *, name: str = "the model") -> None:
     Args:
         model: any `nn.Module`.
         name: how the message refers to the model ("student1", "the cached teacher", ...).
+        override: how the caller lets such a model through anyway, for the message (default: `torch.save`).
     """
     tensors = [(n, t) for n, t in model.state_dict(keep_vars=False).items() if torch.is_floating_point(t)]
     if not tensors:
@@ -34,5 +35,5 @@ def check_finite_weights(model: nn.Module, *, name: str = "the model") -> None:
     raise NonFiniteWeightsError(
         f"{name} has NaN or infinite weights in {listed}{more}; it is not saved, since it would only predict garbage. "
         "Training diverged: lower the learning rate, clip gradients (max_grad_norm) or use bf16 rather than fp16. "
-        "To save it anyway for debugging, use torch.save(model.state_dict(), path)."
+        f"To save it anyway for debugging, {override or 'use torch.save(model.state_dict(), path)'}."
     )

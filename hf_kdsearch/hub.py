@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import check_finite_weights
 from .loading import HubUnavailableError, hub_unreachable_reason, load_model, network_errors
 
 __all__ = ["HubUnavailableError", "save_student", "push_student", "load_student", "CARD_KEYS"]
@@ -156,9 +157,9 @@ def _save(
         _refuse_non_timm(model)
     # Clone so that views of a larger tensor (slices made by extraction), channels_last tensors and shared storage
     # serialise as themselves.
-    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     if not allow_non_finite:
-        _check_finite(state)
+        check_finite_weights(model, name="the student", override="pass allow_non_finite=True")
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     with _atomic_folder(folder) as tmp:
         config = _export_config(model, tmp / CONFIG_NAME, label_names=card.get("label_names"))
         rebuilt = _rebuild_and_compare(config, state)  # raises before the folder is renamed into place
@@ -174,18 +175,6 @@ def _save(
         text = _card_text(config, card, [p.name for p in extra], repo_id=repo_id, folder=folder)
         (tmp / CARD_NAME).write_text(text, encoding="utf-8")
     return folder
-
-
-def _check_finite(state: Mapping[str, torch.Tensor]) -> None:
-    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items() if v.is_floating_point()}
-    bad = {k: n for k, n in bad.items() if n}
-    if bad:
-        listed = ", ".join(f"{k} ({n} of {state[k].numel()})" for k, n in list(bad.items())[:5])
-        raise ValueError(
-            f"the model holds non-finite weights (NaN or infinity) in {len(bad)} tensor(s): {listed}"
-            f"{', ...' if len(bad) > 5 else ''}. Training probably diverged (lower the learning rate, check the "
-            f"inputs); pass allow_non_finite=True to export it anyway."
-        )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
