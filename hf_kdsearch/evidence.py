@@ -176,7 +176,7 @@ def tune_arms(
 
 
 def write_results(path: str, summary: Mapping[str, Any], *, command: Sequence[str] | None = None) -> dict[str, Any]:
-    """Write `summary` plus versions, the command line and the thread count as JSON to `path`; return what was written."""
+    """Write `summary` plus versions, command line and thread count as JSON to `path`; return what was written."""
     import transformers
 
     from . import __version__
