@@ -43,24 +43,24 @@ __all__ = [
 
 
 def protocol_split(
-    n_train: int, n_val: int, seed: int = 0
-) -> tuple[TensorImageDataset, TensorImageDataset, TensorImageDataset]:
-    """`(train, validation, test)` from the bundled 10,000 digits.
+    n_train: int, n_val: int, seed: int = 0, *, with_rest: bool = False
+) -> tuple[TensorImageDataset, ...]:
+    """`(train, validation, test)` from the bundled 10,000 digits; with `with_rest`, also `rest`.
 
     The test part is `load_mnist10k()`'s 2,000 held-out digits (the documented split). Train and validation are
     disjoint, drawn with a permutation seeded by `seed` from its 8,000 training digits, so their class mix is random,
-    not the file's class order.
+    not the file's class order. `rest` holds the training digits in neither (e.g. for a teacher that has seen more
+    data than the student; it never sees validation or test digits).
     """
     pool, test = load_mnist10k()
     if n_train < 1 or n_val < 1 or n_train + n_val > len(pool):
         raise ValueError(f"need 1 <= n_train, 1 <= n_val and n_train + n_val <= {len(pool)}; got {n_train}, {n_val}")
     perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
-    tr, va = perm[:n_train], perm[n_train : n_train + n_val]
-    return (
-        TensorImageDataset(pool.images[tr], pool.labels[tr]),
-        TensorImageDataset(pool.images[va], pool.labels[va]),
-        test,
-    )
+    parts = [perm[:n_train], perm[n_train : n_train + n_val]]
+    if with_rest:
+        parts.append(perm[n_train + n_val :])
+    out = [TensorImageDataset(pool.images[i], pool.labels[i]) for i in parts]
+    return (out[0], out[1], test, *out[2:])
 
 
 # ---- statistics --------------------------------------------------------------------------------------------------

@@ -100,6 +100,10 @@ def test_protocol_split_is_disjoint_shuffled_and_seeded():
     assert torch.equal(train.images, again.images)
     other, _, _ = protocol_split(1000, 500, seed=1)
     assert not torch.equal(train.labels, other.labels)
+    tr2, va2, te2, rest = protocol_split(1000, 500, with_rest=True)
+    assert torch.equal(tr2.labels, train.labels) and torch.equal(va2.labels, val.labels) and len(rest) == 6500
+    everything = torch.cat([train.images, val.images, rest.images]).flatten(1)
+    assert len(torch.unique(everything, dim=0)) == 8000  # the three parts tile the training pool
     with pytest.raises(ValueError, match="n_train \\+ n_val"):
         protocol_split(7000, 2000)
 
