@@ -89,13 +89,15 @@ def t_quantile(p: float, df: float) -> float:
         raise ValueError(f"need 0 < p < 1 and df > 0, got p={p}, df={df}")
     if p < 0.5:
         return -t_quantile(1 - p, df)
-    lo, hi = 0.0, 1.0
-    while _t_cdf(hi, df) < p:
-        lo, hi = hi, hi * 2
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _t_cdf(mid, df) < p else (lo, mid)
-    return (lo + hi) / 2
+    # Newton from 0: the CDF is concave on [0, inf), so the iterates rise monotonically to the root.
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    x = 0.0
+    for _ in range(200):
+        step = (p - _t_cdf(x, df)) / math.exp(log_c - (df + 1) / 2 * math.log1p(x * x / df))
+        x += step
+        if step < 1e-10 * max(1.0, x):
+            break
+    return x
 
 
 def sign_test_pvalue(wins: int, losses: int) -> float:
