@@ -115,3 +115,35 @@ def test_write_results_and_plot(tmp_path):
     assert {"hf_kdsearch", "torch", "transformers", "python"} <= set(on_disk["versions"])
     plot_paired(str(tmp_path / "p.png"), [0, 1], {"alone": [10, 12], "distilled": [9, 11]}, title="t")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_evidence_search_quick_mode_writes_its_results_and_plot(tmp_path, monkeypatch):
+    import importlib.util
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "evidence_search", os.path.join(root, "recipes", "evidence_search.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "evidence_search", module)  # dataclasses look their module up
+    monkeypatch.syspath_prepend(os.path.join(root, "recipes"))
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        module.main(["--quick", "--threads", "1", "--output_dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    out = json.loads((tmp_path / "results.json").read_text())
+    assert out["seeds"] == [0, 1] and set(out["test_errors"]) == {"searched", "uniform", "shallow"}
+    assert all(len(v) == 2 for v in out["test_errors"].values())
+    assert all(len(t["trials"]) == 1 for t in out["tuning"].values())  # the same budget for every arm
+    searched = out["students"]["searched"]["flops"]
+    assert searched <= 0.25 * out["teacher"]["flops"] * 1.02
+    for arm in ("uniform", "shallow"):  # equal FLOPs within 2%
+        assert abs(out["students"][arm]["flops"] / searched - 1) <= 0.02
+        assert out["versus_searched"][arm]["n"] == 2
+    assert len(out["students"]["shallow"]["widths"]) == 2 and out["students"]["shallow"]["pool_every"] == 1
+    assert (tmp_path / "paired.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
