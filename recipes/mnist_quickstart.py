@@ -58,7 +58,8 @@ class QuickstartArguments:
     max_shift: int = field(default=2, metadata={"help": "Random shift of training digits, in pixels (0: none)."})
     threads: int = field(default=0, metadata={"help": "torch threads; 0: min(2, cores this process may run on)."})
     quick: bool = field(
-        default=False, metadata={"help": "Smoke run: 200 + 200 digits, 2 seeds, 2 settings per arm, 1 epoch (teacher 0.25)."}
+        default=False,
+        metadata={"help": "Smoke run: 200 + 200 digits, 2 seeds, 2 settings per arm, 1 epoch (teacher 0.25)."},
     )
 
 
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     # The teacher learns from every digit outside validation and test; the student only from the labelled few.
     teacher_data = TensorImageDataset(torch.cat([train.images, rest.images]), torch.cat([train.labels, rest.labels]))
     print(
-        f"{len(train)} training, {len(val)} validation, {len(test)} held-out digits; {threads} threads ({cores} cores)"
+        f"{len(train)} training, {len(val)} validation, {len(test)} held-out digits; "
+        f"{threads} thread(s) ({cores} cores)"
     )
 
     # 1. The teacher, with the students' augmentation.
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = time.time() - started
 
     def fmt(setting: dict) -> str:
-        return ", ".join(f"{k.replace('learning_rate', 'lr')}={v:g}" for k, v in setting.items())
+        return ", ".join(f"{ {'learning_rate': 'lr', 'temperature': 'T'}.get(k, k) }={v:g}" for k, v in setting.items())
 
     print(
         f"\nHeld-out errors on {len(test)} real MNIST digits (students trained on {len(train)}, the teacher on "
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         verdict = "no clear difference: the interval includes zero"
     print(f"verdict: {verdict}")
-    print(f"wall-clock {seconds:.0f} s with {threads} threads (not part of the reproducible numbers)")
+    print(f"wall-clock {seconds:.0f} s with {threads} thread(s) (not part of the reproducible numbers)")
 
     summary = {
         "arguments": asdict(q),
