@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{q.output_dir}/paired.png",
         q.seeds,
         test_errors,
-        title=f"student {'-'.join(map(str, q.student_widths))}, {len(train)} digits: "
+        title=f"student {'-'.join(map(str, q.student_widths))}, {len(train)} digits\n"
         f"distilled - alone = {stats['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}]",
     )
     return write_results(
