@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make quickstart   set up .venv, then distil a teacher into a small student on the bundled MNIST digits (offline)
+#   make quickstart   set up .venv, then compare a student trained alone and distilled, tuned fairly (offline, 2 cores)
 #   make test         set up .venv, then lint and run the default test suite (offline, CPU)
 PYTHON ?= python3
 VENV ?= .venv

@@ -1,4 +1,4 @@
-"""The README's main command, shortened to one epoch, on the real bundled digits."""
+"""The bundled digits, and the README's main command in its `--quick` mode (the pipeline, not the numbers)."""
 
 import importlib.util
 import json
@@ -21,17 +21,36 @@ def test_mnist10k_is_the_documented_real_data():
     assert abs(train.images.mean().item()) < 0.05 and abs(train.images.std().item() - 1) < 0.05
 
 
-def test_quickstart_trains_teacher_and_students_on_real_digits(tmp_path, monkeypatch):
+def test_quickstart_quick_mode_writes_its_results_and_plot(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("quickstart", os.path.join(ROOT, "recipes", "mnist_quickstart.py"))
     quickstart = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "quickstart", quickstart)  # dataclasses look their module up
     monkeypatch.syspath_prepend(os.path.join(ROOT, "recipes"))  # as `python recipes/...` would
     spec.loader.exec_module(quickstart)
-    summary = quickstart.main(
-        ["--seeds", "0", "--teacher_epochs", "1", "--student_epochs", "1", "--output_dir", str(tmp_path)]
-    )
-    assert summary["params"] == {"teacher": 669_706, "student": 50_890}
-    # One epoch on 8,000 real digits already gets well below chance (1,800 errors of 2,000).
-    assert summary["results"]["teacher"][0] < 250
-    assert all(e < 400 for e in summary["results"]["alone"] + summary["results"]["distilled"])
-    assert json.loads((tmp_path / "results.json").read_text())["results"] == summary["results"]
+    threads = torch.get_num_threads()
+    try:
+        summary = quickstart.main(["--quick", "--threads", "1", "--output_dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert on_disk["seeds"] == [0, 1] and on_disk["threads"] == 1 == on_disk["torch_threads"]
+    assert on_disk["command"].endswith("--quick --threads 1 --output_dir " + str(tmp_path))
+    assert {"hf_kdsearch", "torch", "transformers", "python"} <= set(on_disk["versions"])
+    # Equal tuning budget: the same number of validation runs per arm; the chosen setting is one of them.
+    tuning = on_disk["tuning"]
+    assert set(tuning) == {"alone", "distilled"}
+    assert len(tuning["alone"]["trials"]) == len(tuning["distilled"]["trials"]) == 2
+    for arm in tuning.values():
+        assert arm["best"] in [t["setting"] for t in arm["trials"]]
+        assert arm["best_val"] == min(t["val"] for t in arm["trials"])
+    assert {"temperature", "alpha"} <= set(tuning["distilled"]["best"])
+    errors = on_disk["test_errors"]
+    assert [len(errors["alone"]), len(errors["distilled"])] == [2, 2]
+    assert all(0 <= e <= 2000 for e in errors["alone"] + errors["distilled"] + [on_disk["teacher"]["test_errors"]])
+    paired = on_disk["paired"]
+    assert paired["n"] == 2 and paired["wins"] + paired["losses"] + paired["ties"] == 2
+    assert paired["diff"] == sum(d - a for a, d in zip(errors["alone"], errors["distilled"])) / 2
+    assert on_disk["splits"] == {"train": 200, "validation": 200, "test": 2000, "teacher": 7800, "split_seed": 0}
+    assert on_disk["teacher"]["params"] > 10 * on_disk["student"]["params"]
+    assert (tmp_path / "paired.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
