@@ -3,9 +3,9 @@
     make quickstart                               # = python recipes/mnist_quickstart.py (sets up .venv first)
     python recipes/mnist_quickstart.py --quick    # a smoke run of the same pipeline, in seconds
 
-Designed for about 5 minutes on 2 idle CPU cores (measured: 407 CPU-seconds with 1 thread, on a loaded machine). It
-uses `min(2, cores it may run on)` torch threads (`--threads` to change; the printed errors are deterministic for a
-given thread count, and differ between counts).
+Designed for at most 5 minutes on 2 idle CPU cores. Every training run uses one torch thread, so the printed errors
+are the same on any machine with the same library versions; `--workers` runs (default: `min(2, cores it may run on)`)
+go side by side, each in its own process, which changes the wall-clock and nothing else.
 
 The regime is the one where distillation is known to help: few labelled digits, a patient schedule, the same
 augmented view for teacher and student, and a small conv student the conv teacher can teach.
@@ -26,9 +26,11 @@ It prints a table, the paired difference with a 95% t-interval, the sign test an
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import timm
@@ -59,7 +61,13 @@ class QuickstartArguments:
     epochs: float = field(default=30, metadata={"help": "Student epochs, both arms, tuning and final runs."})
     batch_size: int = field(default=64, metadata={"help": "Batch size of every run."})
     max_shift: int = field(default=2, metadata={"help": "Random shift of training digits, in pixels (0: none)."})
-    threads: int = field(default=0, metadata={"help": "torch threads; 0: min(2, cores this process may run on)."})
+    workers: int = field(
+        default=0,
+        metadata={
+            "help": "Training runs at once, each in its own process with one torch thread; 0: min(2, cores this "
+            "process may run on). The printed errors do not depend on it."
+        },
+    )
     quick: bool = field(
         default=False,
         metadata={"help": "Smoke run: 200 + 200 digits, 2 seeds, 2 settings per arm, 1 epoch (teacher 0.25)."},
@@ -92,25 +100,17 @@ def quiet(trainer) -> None:
     trainer.train()
 
 
-def main(argv: list[str] | None = None) -> dict:
-    (q,) = HfArgumentParser(QuickstartArguments).parse_args_into_dataclasses(argv)
-    started, cpu_started = time.time(), time.process_time()
-    cores = len(os.sched_getaffinity(0))
-    threads = q.threads or min(2, cores)
-    torch.set_num_threads(threads)
-    grids = GRIDS
-    if q.quick:
-        q.seeds, q.epochs, q.teacher_epochs, q.n_train, q.n_val = q.seeds[:2], 1, 0.25, 200, 200
-        grids = {arm: g[:2] for arm, g in GRIDS.items()}
+# ---- the runs: each is a function of its arguments alone, so it gives the same numbers in any process ------------
+def splits(q: QuickstartArguments):
+    """train, validation, held-out test, and the teacher's data (every digit outside validation and test)."""
     train, val, test, rest = protocol_split(q.n_train, q.n_val, with_rest=True)
-    # The teacher learns from every digit outside validation and test; the student only from the labelled few.
     teacher_data = TensorImageDataset(torch.cat([train.images, rest.images]), torch.cat([train.labels, rest.labels]))
-    print(
-        f"{len(train)} training, {len(val)} validation, {len(test)} held-out digits; "
-        f"{threads} thread(s) ({cores} cores)"
-    )
+    return train, val, test, teacher_data
 
-    # 1. The teacher, with the students' augmentation.
+
+def teacher_run(q: QuickstartArguments) -> dict:
+    """The teacher, trained with the students' augmentation; its weights and its validation and test errors."""
+    _, val, test, teacher_data = splits(q)
     set_seed(0)
     teacher = timm.create_model("mnist_cnn", widths=q.teacher_widths)
     t_args = run_args(f"{q.output_dir}/teacher", 0, q.teacher_epochs, q.batch_size, learning_rate=3e-3)
@@ -120,51 +120,117 @@ def main(argv: list[str] | None = None) -> dict:
             model=teacher, args=t_args, train_dataset=teacher_data, data_collator=ShiftCollate(0, q.max_shift)
         )
     )
-    teacher.eval()
-    teacher_val, teacher_test = held_out_errors(teacher, val), held_out_errors(teacher, test)
+    return {
+        "state": teacher.state_dict(),
+        "val": held_out_errors(teacher, val),
+        "test": held_out_errors(teacher, test),
+        "params": sum(p.numel() for p in teacher.parameters()),
+    }
+
+
+def student_run(q: QuickstartArguments, arm: str, seed: int, setting: dict, score_on: str, teacher: dict | None):
+    """One student trained alone or distilled on the training digits, scored on `score_on` ("val" or "test").
+
+    Seed `seed` fixes the initial weights, the batch order and the shifted views: the same in both arms."""
+    train, val, test, _ = splits(q)
+    set_seed(seed)
+    student = timm.create_model("mnist_cnn", widths=q.student_widths)
+    collate = ShiftCollate(seed, q.max_shift)
+    args = run_args(f"{q.output_dir}/{arm}-{seed}", seed, q.epochs, q.batch_size, **setting)
+    common = dict(model=student, args=args, train_dataset=train, data_collator=collate)
+    if arm == "alone":
+        quiet(ClassificationTrainer(**common))
+    else:
+        model = timm.create_model("mnist_cnn", widths=q.teacher_widths)
+        model.load_state_dict(teacher["state"])
+        quiet(DistillationTrainer(teacher_model=model, **common))
+    errors = held_out_errors(student, val if score_on == "val" else test)
+    return {"errors": errors, "digest": collate.digest, "params": sum(p.numel() for p in student.parameters())}
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+class _Inline:
+    """`submit` that runs at once: the executor of `--workers 1` (and of in-process tests)."""
+
+    def submit(self, fn, *args):
+        future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def executor(workers: int):
+    # spawn, not fork: a forked child of a process that has run torch's OpenMP threads can hang.
+    if workers <= 1:
+        return _Inline()
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (q,) = HfArgumentParser(QuickstartArguments).parse_args_into_dataclasses(argv)
+    started, cpu_started = time.time(), time.process_time()
+    cores = len(os.sched_getaffinity(0))
+    workers = q.workers or min(2, cores)
+    _one_thread()  # every run uses one thread, so its numbers do not depend on the machine's core count
+    grids = GRIDS
+    if q.quick:
+        q.seeds, q.epochs, q.teacher_epochs, q.n_train, q.n_val = q.seeds[:2], 1, 0.25, 200, 200
+        grids = {arm: g[:2] for arm, g in GRIDS.items()}
+    train, val, test, teacher_data = splits(q)
     print(
-        f"teacher {q.teacher_widths} on {len(teacher_data)} digits: {teacher_val} validation errors "
-        f"({time.time() - started:.0f} s)"
+        f"{len(train)} training, {len(val)} validation, {len(test)} held-out digits; {workers} run(s) at a time, "
+        f"1 thread each ({cores} cores)",
+        flush=True,
     )
 
-    def train_student(arm: str, seed: int, setting: dict, data) -> tuple[torch.nn.Module, int]:
-        set_seed(seed)  # the same initial student in both arms
-        student = timm.create_model("mnist_cnn", widths=q.student_widths)
-        collate = ShiftCollate(seed, q.max_shift)
-        args = run_args(f"{q.output_dir}/{arm}-{seed}", seed, q.epochs, q.batch_size, **setting)
-        common = dict(model=student, args=args, train_dataset=data, data_collator=collate)
-        if arm == "alone":
-            quiet(ClassificationTrainer(**common))
-        else:
-            quiet(DistillationTrainer(teacher_model=teacher, **common))
-        return student, collate.digest
+    def done(what: str, result: dict) -> dict:
+        print(f"  {what}: {result['errors']} errors ({time.time() - started:.0f} s)", flush=True)
+        return result
 
-    # 2. Tuning on validation: the same number of runs per arm.
-    def tune_run(arm: str, setting: dict) -> int:
-        student, _ = train_student(arm, q.tune_seed, setting, train)
-        errors = held_out_errors(student, val)
-        print(f"  tune {arm:<9} {setting}: {errors} validation errors ({time.time() - started:.0f} s)")
-        return errors
+    with executor(workers) as pool:
+        # The teacher and the alone arm's tuning need nothing from each other: they run side by side.
+        teacher_future = pool.submit(teacher_run, q)
+        tune = {"alone": [pool.submit(student_run, q, "alone", q.tune_seed, s, "val", None) for s in grids["alone"]]}
+        teacher = teacher_future.result()
+        print(
+            f"teacher {q.teacher_widths} on {len(teacher_data)} digits: {teacher['val']} validation errors "
+            f"({time.time() - started:.0f} s)",
+            flush=True,
+        )
+        tune["distilled"] = [
+            pool.submit(student_run, q, "distilled", q.tune_seed, s, "val", teacher) for s in grids["distilled"]
+        ]
 
-    tuned = tune_arms(grids, tune_run)
+        # 2. Tuning on validation: the same number of runs per arm.
+        def tuned_errors(arm: str, setting: dict) -> int:
+            return done(f"tune {arm:<9} {setting}", tune[arm][grids[arm].index(setting)].result())["errors"]
 
-    # 3. Paired seeds, each arm at its best setting, scored once on the held-out digits.
-    test_errors = {"alone": [], "distilled": []}
-    for seed in q.seeds:
-        digests = []
-        for arm in ("alone", "distilled"):
-            student, digest = train_student(arm, seed, tuned[arm]["best"], train)
-            test_errors[arm].append(held_out_errors(student, test))
-            digests.append(digest)
-        if digests[0] != digests[1]:
+        tuned = tune_arms(grids, tuned_errors)
+
+        # 3. Paired seeds, each arm at its best setting, scored once on the held-out digits.
+        finals = {
+            arm: [pool.submit(student_run, q, arm, seed, tuned[arm]["best"], "test", teacher) for seed in q.seeds]
+            for arm in ("alone", "distilled")
+        }
+        runs = {
+            arm: [done(f"seed {seed} {arm}", f.result()) for seed, f in zip(q.seeds, fs)] for arm, fs in finals.items()
+        }
+    for seed, a, d in zip(q.seeds, runs["alone"], runs["distilled"]):
+        if a["digest"] != d["digest"]:
             raise RuntimeError(f"seed {seed}: the two arms saw different batches; the comparison is not paired")
-        print(f"  seed {seed}: alone {test_errors['alone'][-1]}, distilled {test_errors['distilled'][-1]}")
+    test_errors = {arm: [r["errors"] for r in rs] for arm, rs in runs.items()}
+    teacher_test = teacher["test"]
 
     stats = paired_summary(test_errors["alone"], test_errors["distilled"])
-    n_params = {
-        "teacher": sum(p.numel() for p in teacher.parameters()),
-        "student": sum(p.numel() for p in student.parameters()),
-    }
+    n_params = {"teacher": teacher["params"], "student": runs["alone"][0]["params"]}
     seconds = time.time() - started
 
     def fmt(setting: dict) -> str:
@@ -201,11 +267,12 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         verdict = "no clear difference: the interval includes zero"
     print(f"verdict: {verdict}")
-    print(f"wall-clock {seconds:.0f} s with {threads} thread(s) (not part of the reproducible numbers)")
+    print(f"wall-clock {seconds:.0f} s, {workers} run(s) at a time (not part of the reproducible numbers)")
 
     summary = {
         "arguments": asdict(q),
-        "threads": threads,
+        "threads": 1,
+        "workers": workers,
         "cores": cores,
         "splits": {
             "train": len(train),
@@ -217,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
         "teacher": {
             "widths": q.teacher_widths,
             "params": n_params["teacher"],
-            "val_errors": teacher_val,
+            "val_errors": teacher["val"],
             "test_errors": teacher_test,
         },
         "student": {"widths": q.student_widths, "params": n_params["student"]},
@@ -227,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
         "paired": stats,
         "verdict": verdict,
         "wall_clock_s": seconds,
-        "cpu_s": time.process_time() - cpu_started,
+        "cpu_s_main_process": time.process_time() - cpu_started,
     }
     os.makedirs(q.output_dir, exist_ok=True)
     plot_paired(

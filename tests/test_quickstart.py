@@ -28,14 +28,15 @@ def test_quickstart_quick_mode_writes_its_results_and_plot(tmp_path, monkeypatch
     monkeypatch.syspath_prepend(os.path.join(ROOT, "recipes"))  # as `python recipes/...` would
     spec.loader.exec_module(quickstart)
     threads = torch.get_num_threads()
-    try:
-        summary = quickstart.main(["--quick", "--threads", "1", "--output_dir", str(tmp_path)])
+    try:  # --workers 1: the runs go in this process (a spawned worker could not import a module loaded from a path)
+        summary = quickstart.main(["--quick", "--workers", "1", "--output_dir", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     assert on_disk["seeds"] == [0, 1] and on_disk["threads"] == 1 == on_disk["torch_threads"]
-    assert on_disk["command"].endswith("--quick --threads 1 --output_dir " + str(tmp_path))
+    assert on_disk["workers"] == 1
+    assert on_disk["command"].endswith("--quick --workers 1 --output_dir " + str(tmp_path))
     assert {"hf_kdsearch", "torch", "transformers", "python"} <= set(on_disk["versions"])
     # Equal tuning budget: the same number of validation runs per arm; the chosen setting is one of them.
     tuning = on_disk["tuning"]
