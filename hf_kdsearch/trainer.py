@@ -32,7 +32,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.training_args import ParallelMode
 
-from .fastpath import setup_fast_path
+from .fastpath import SampleIndexDataset, setup_fast_path
 from .losses import kd_loss, mixed_cross_entropy
 from .teacher import freeze_teacher, input_normalization, load_teacher, prepare_teacher
 
@@ -46,12 +46,17 @@ __all__ = [
     "forward_model",
 ]
 
-#: Batch keys that steer the loss and are never passed to a model.
-LOSS_KEYS = ("labels", "mix_labels", "mix_weights")
+#: Batch keys that steer the loss and are never passed to a model. `sample_index` and `view_index` say which stored
+#: teacher outputs (and augmentation) belong to a sample when training from a teacher cache.
+LOSS_KEYS = ("labels", "mix_labels", "mix_weights", "sample_index", "view_index")
 
 
 class DistillationCallback(TrainerCallback):
     """A `TrainerCallback` that can also change the batch and add loss terms; see the module docstring."""
+
+    #: Set True when the callback reads `inputs["sample_index"]`: the trainer then wraps its training set in
+    #: `SampleIndexDataset`, so every batch carries its samples' positions in the dataset.
+    needs_sample_index: bool = False
 
     def on_distill_batch(self, trainer: DistillationMixin, model: nn.Module, inputs: dict) -> dict | None:
         return None
@@ -203,9 +208,20 @@ class DistillationMixin(LossMetricsMixin):
     `loss_kd` and `loss_ce` are logged. Callbacks extend the step through `DistillationCallback`.
     """
 
-    def __init__(self, *args, teacher_model: nn.Module | str | None = None, **kwargs):
-        if teacher_model is None:
-            raise ValueError("DistillationTrainer needs teacher_model= (an nn.Module, a local folder or a Hub id)")
+    def __init__(self, *args, teacher_model: nn.Module | str | None = None, teacher_cache: Any = None, **kwargs):
+        if teacher_model is None and teacher_cache is None:
+            raise ValueError(
+                "DistillationTrainer needs teacher_model= (an nn.Module, a local folder or a Hub id) or teacher_cache= "
+                "(a hf_kdsearch.TeacherCache)"
+            )
+        if teacher_model is not None and teacher_cache is not None:
+            raise ValueError("pass teacher_model= or teacher_cache=, not both: a cache replaces the teacher's forward")
+        # ---- teacher cache (hf_kdsearch/teacher_cache.py): batches carry their sample index ----
+        callbacks = kwargs.get("callbacks") or []
+        if kwargs.get("train_dataset") is not None and (
+            teacher_cache is not None or any(getattr(cb, "needs_sample_index", False) for cb in callbacks)
+        ):
+            kwargs["train_dataset"] = SampleIndexDataset.wrap(kwargs["train_dataset"])
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if (
             training_args is not None
@@ -224,6 +240,16 @@ class DistillationMixin(LossMetricsMixin):
                 "the student has no parameter that requires grad; is it a copy of a teacher frozen by an earlier "
                 "DistillationTrainer? Call student.requires_grad_(True) first"
             )
+        self.samples_seen = 0
+        self.teacher_samples = 0
+        self._checked_classes = False
+        # ---- teacher cache: stored logits instead of a teacher; training batches replay the stored views ----
+        self.teacher_cache = None
+        if teacher_cache is not None:
+            self.teacher_cache = teacher_cache.for_trainer(self)  # checks dataset, classes and augmentation
+            self.teacher_model, self._renorm = None, None
+            self.device_augment = self.teacher_cache.replay_augment(self.device_augment, lambda: self.state.epoch)
+            return
         if isinstance(teacher_model, str):
             teacher_model = load_teacher(teacher_model)
         if teacher_model is self.model:
@@ -242,9 +268,6 @@ class DistillationMixin(LossMetricsMixin):
         self._teacher_prepared = False
         self._teacher_keywords = _takes_keywords(teacher_model)
         self._renorm = input_normalization(self.model, teacher_model)
-        self._checked_classes = False
-        self.samples_seen = 0
-        self.teacher_samples = 0
 
     # ---- settings with defaults for plain TrainingArguments -------------------------------------------------------
     def _arg(self, name: str, default: Any) -> Any:
@@ -278,7 +301,13 @@ class DistillationMixin(LossMetricsMixin):
         return self.teacher_model
 
     def teacher_logits(self, inputs: Mapping[str, Any]) -> torch.Tensor:
-        """Teacher logits for a batch, under `no_grad`, with the input re-normalised for the teacher if needed."""
+        """Teacher logits for a batch, under `no_grad`, with the input re-normalised for the teacher if needed.
+
+        From a teacher cache: the stored logits of the batch's samples and views; None outside training (the cache
+        holds no outputs for evaluation sets).
+        """
+        if self.teacher_cache is not None:
+            return self.teacher_cache.logits(inputs) if self.model.training else None
         teacher = self._prepared_teacher()
         if teacher.training:  # BN statistics and dropout of the teacher must never move, whoever called train()
             teacher.eval()
@@ -311,16 +340,17 @@ class DistillationMixin(LossMetricsMixin):
             self._check_teacher(student_logits, teacher_logits)
 
         losses: dict[str, torch.Tensor] = {}
-        if self.alpha > 0:
-            losses["loss_kd"] = self.alpha * kd_loss(student_logits, teacher_logits, self.temperature)
-        if self.alpha < 1:
+        alpha = self.alpha if teacher_logits is not None else 0.0  # no stored logits (cache, evaluation): CE only
+        if alpha > 0:
+            losses["loss_kd"] = alpha * kd_loss(student_logits, teacher_logits, self.temperature)
+        if alpha < 1:
             labels = inputs.get("labels")
             if labels is None:
                 raise ValueError(
                     f"alpha={self.alpha} < 1 gives the cross-entropy on labels weight {1 - self.alpha:g}, but the "
                     f"batch has no 'labels' (keys: {sorted(inputs)}). Add labels or set alpha=1.0."
                 )
-            losses["loss_ce"] = (1 - self.alpha) * mixed_cross_entropy(
+            losses["loss_ce"] = (1 - alpha) * mixed_cross_entropy(
                 student_logits, labels, inputs.get("mix_labels"), inputs.get("mix_weights")
             )
         for cb in hooks:
