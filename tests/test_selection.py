@@ -248,6 +248,7 @@ def test_teacher_sees_only_k_samples_and_cost_is_logged(tmp_path):
         "samples_seen": 32,
         "teacher_samples": 24,
         "teacher_forwards": 3,
+        "scored_samples": 32,
         "teacher_fraction": 0.75,
         "cost_ratio": pytest.approx(0.75 + 1 / (flops_ratio + 2)),
         "teacher_flops_ratio": pytest.approx(flops_ratio),
