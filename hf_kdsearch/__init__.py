@@ -29,6 +29,7 @@ from .selection import (
     unix_cost_ratio,
 )
 from .teacher import TeacherLoadError, load_teacher
+from .teacher_cache import CachedTeacher, TeacherCache, TeacherCacheError
 from .trainer import (
     ClassificationTrainer,
     DistillationCallback,
@@ -43,6 +44,7 @@ __all__ = [
     "add_gates",
     "apply_selection",
     "build_ensemble",
+    "CachedTeacher",
     "ClassificationTrainer",
     "count_flops",
     "DatasetLoadError",
@@ -81,6 +83,8 @@ __all__ = [
     "select_uncertain",
     "Selection",
     "soft_target_cross_entropy",
+    "TeacherCache",
+    "TeacherCacheError",
     "TeacherLoadError",
     "TensorImageDataset",
     "to_uint8_tensors",

@@ -269,7 +269,7 @@ class TeacherCache:
     def tensors(self) -> dict[str, torch.Tensor]:
         """The columns as CPU tensors: `crop` (N, R, 2), `flip` (N, R), `logits` (N, R, C) or top-k (N, R, k)."""
         if self._tensors is None:
-            self._tensors = dict(self.dataset.with_format("torch")[:])
+            self._tensors = {name: _column_tensor(self.dataset, name) for name in self.dataset.column_names}
         return self._tensors
 
     def _check_columns(self) -> None:
@@ -332,7 +332,8 @@ class TeacherCache:
         path = os.path.abspath(os.fspath(path))
         parent, base = os.path.split(path)
         os.makedirs(parent, exist_ok=True)
-        if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, INFO_FILE)):
+        ours = any(os.path.isfile(os.path.join(path, f)) for f in (INFO_FILE, "state.json"))  # complete or half-written
+        if os.path.isdir(path) and os.listdir(path) and not ours:
             raise TeacherCacheError(f"{path} exists and holds files that are not a teacher cache; pick another folder")
         for stale in os.listdir(parent):
             if stale.startswith(f".{base}.tmp-") or stale.startswith(f".{base}.old-"):
@@ -464,6 +465,22 @@ class TeacherCache:
 
 def _cache_compatible(callback: Any) -> bool:
     return bool(getattr(callback, "works_with_teacher_cache", True))
+
+
+def _column_tensor(dataset: Any, name: str) -> torch.Tensor:
+    """One fixed-shape column as a tensor of its stored dtype (the `datasets` formatters turn float16 into float32)."""
+    import pyarrow as pa
+
+    if getattr(dataset, "_indices", None) is not None:
+        dataset = dataset.flatten_indices()
+    feature = dataset.features[name]
+    array = dataset.data.column(name).combine_chunks()
+    array = getattr(array, "storage", array)  # Array2D is an extension type over nested lists
+    while pa.types.is_list(array.type) or pa.types.is_fixed_size_list(array.type) or pa.types.is_large_list(array.type):
+        array = array.flatten()
+    shape = tuple(feature.shape) if hasattr(feature, "shape") else (feature.length,)
+    values = array.to_numpy(zero_copy_only=False).reshape(len(dataset), *shape)
+    return torch.from_numpy(values.copy())
 
 
 def _to_dataset(columns: dict[str, np.ndarray]) -> Any:
