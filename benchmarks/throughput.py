@@ -76,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--cache_views", type=int, nargs="+", default=[1, 4, 10], help="R of the teacher-cache rows (f)")
     p.add_argument("--select_ratio", type=float, default=0.75, help="UNIX rows (h)")
+    p.add_argument("--rows", nargs="+", default=None, help="measure only rows whose label starts with one of these")
     p.add_argument("--smoke", action="store_true", help="toy sizes: cifar_resnet8 models, batch 8, 3 steps")
     args = p.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
@@ -408,6 +409,8 @@ def paths(args) -> dict[str, Callable[[int], float] | None]:
 def run(args) -> dict:
     results: dict[str, dict[int, float | str]] = {}
     for label, measure in paths(args).items():
+        if args.rows and not any(label.startswith(prefix) for prefix in args.rows):
+            continue
         results[label] = {}
         for batch in args.batch_sizes:
             if measure is None:
