@@ -305,7 +305,9 @@ class UncertaintyMixupCallback(DistillationCallback, ExportableState):
     **Resume is exact.** The random draws of micro-batch j of optimizer step t come from a generator seeded with
     `(seed, process index, t, j)`, so a run resumed from a checkpoint draws what the uninterrupted run drew. The totals
     (and, with free scoring, the score table) are part of the checkpoint (`ExportableState`, in `trainer_state.json`;
-    under DDP, rank 0's counts, which equal every rank's when the ranks' batches are of equal size).
+    under DDP, rank 0's counts, which equal every rank's when the ranks' batches are of equal size, and rank 0's score
+    table, which lacks the other ranks' scores since the last epoch end: a DDP resume with free scoring in the middle
+    of an epoch is therefore not bit-exact).
 
     Args:
         select_ratio: share of each batch the teacher sees, in (0, 1]. The paper uses 0.75 (k = 48 of 64).
@@ -392,8 +394,10 @@ class UncertaintyMixupCallback(DistillationCallback, ExportableState):
             "scored_samples": scored,
         }
         if self.scoring == "free":
-            scores = self._merged_scores() if self._scores is not None else None
-            attributes["scores"] = scores.tolist() if scores is not None else self._restored_scores
+            # No collective here: the Trainer calls state() on the saving process only. Under DDP this is rank 0's
+            # table, merged at the last epoch end plus rank 0's own scores since.
+            scores = self._scores.tolist() if self._scores is not None else self._restored_scores
+            attributes["scores"] = scores
         return {
             "args": {
                 "select_ratio": self.select_ratio,

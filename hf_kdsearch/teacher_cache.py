@@ -182,8 +182,8 @@ class TeacherCache:
             for batch in _batches(train_dataset, batch_size, collate):
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 b = batch["pixel_values"].shape[0]
-                crop = torch.zeros(b, num_views, 2, dtype=torch.int16)
-                flip = torch.zeros(b, num_views, dtype=torch.bool)
+                crop = torch.zeros(b, num_views, 2, dtype=torch.int16, device=device)
+                flip = torch.zeros(b, num_views, dtype=torch.bool, device=device)
                 views = []
                 for r in range(num_views):
                     if augment is not None:
@@ -191,9 +191,9 @@ class TeacherCache:
                             b, augment.padding, augment.flip, device=device, generator=generator
                         )
                         if offsets is not None:
-                            crop[:, r] = offsets.cpu().to(torch.int16)
+                            crop[:, r] = offsets.to(torch.int16)
                         if mirror is not None:
-                            flip[:, r] = mirror.cpu()
+                            flip[:, r] = mirror
                         inputs = augment.replay(batch, offsets, mirror)
                     else:
                         inputs = batch
@@ -202,25 +202,25 @@ class TeacherCache:
                         torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None),
                     ):
                         logits = logits_of(forward_model(teacher, inputs)).float()
-                    if not torch.isfinite(logits).all():
-                        raise FloatingPointError(
-                            "the teacher returned non-finite logits while building the cache; check its weights, its "
-                            "input normalisation (image_mean/image_std) and its precision"
-                        )
-                    views.append(logits.cpu())
+                    views.append(logits)  # kept on the device: no host sync per batch
                     bar.update(1)
                 crops.append(crop)
                 flips.append(flip)
                 outs.append(torch.stack(views, dim=1))  # (b, R, C)
-        logits = torch.cat(outs)
+        logits = torch.cat(outs).cpu()
+        if not torch.isfinite(logits).all():
+            raise FloatingPointError(
+                "the teacher returned non-finite logits while building the cache; check its weights, its input "
+                "normalisation (image_mean/image_std) and its precision"
+            )
         num_classes = logits.shape[-1]
         if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= num_classes):
             raise ValueError(f"top_k must be an int in [1, {num_classes}] (the teacher's classes) or None, got {top_k}")
         columns: dict[str, np.ndarray] = {}
         if augment is not None and augment.padding > 0:
-            columns["crop"] = torch.cat(crops).numpy()
+            columns["crop"] = torch.cat(crops).cpu().numpy()
         if augment is not None and augment.flip:
-            columns["flip"] = torch.cat(flips).numpy()
+            columns["flip"] = torch.cat(flips).cpu().numpy()
         if top_k is None:
             columns["logits"] = logits.to(store_dtype).numpy()
         else:
