@@ -40,6 +40,7 @@ from .selection import (
     unix_cost_ratio,
 )
 from .teacher import Teacher, TeacherCheckError, TeacherLoadError, TeacherSource, load_teacher
+from .teacher_cache import CachedTeacher, TeacherCache, TeacherCacheError
 from .trainer import (
     ClassificationTrainer,
     DistillationCallback,
@@ -54,6 +55,7 @@ __all__ = [
     "add_gates",
     "apply_selection",
     "build_ensemble",
+    "CachedTeacher",
     "ClassificationTrainer",
     "count_flops",
     "data_config_for",
@@ -101,6 +103,8 @@ __all__ = [
     "soft_target_cross_entropy",
     "split_stream_by_node",
     "Teacher",
+    "TeacherCache",
+    "TeacherCacheError",
     "TeacherCheckError",
     "TeacherLoadError",
     "TeacherSource",

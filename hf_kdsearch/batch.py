@@ -22,7 +22,9 @@ from torch import nn
 __all__ = ["LOSS_KEYS", "batch_size", "forward_model", "logits_of", "num_classes", "takes_keywords", "unwrap"]
 
 #: Batch keys that steer the loss and are never passed to a model.
-LOSS_KEYS = ("labels", "mix_labels", "mix_weights")
+#: `sample_index` and `view_index` name the stored teacher outputs (and augmentation) of a sample when training from
+#: a teacher cache.
+LOSS_KEYS = ("labels", "mix_labels", "mix_weights", "sample_index", "view_index")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -28,12 +28,16 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from .data import TensorImageDataset, collate_tensor_batch
 
 __all__ = [
     "DeviceAugment",
     "DeviceImageDataset",
+    "SampleIndexDataset",
+    "crop_flip",
+    "draw_crop_flip",
     "normalize_images",
     "random_crop_flip",
     "resize_images",
@@ -43,19 +47,44 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def random_crop_flip(
-    images: torch.Tensor, padding: int = 4, flip: bool = True, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Random crop with zero padding, then random horizontal flip, per sample, as one gather on `images.device`.
+def draw_crop_flip(
+    num_samples: int,
+    padding: int = 4,
+    flip: bool = True,
+    *,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The random parameters of `random_crop_flip` for `num_samples` images: `(offsets, mirror)`.
 
-    Matches `torchvision.transforms.RandomCrop(size, padding)` followed by `RandomHorizontalFlip()`: each sample's
-    offsets are uniform over the `2 * padding + 1` positions per axis, and it is mirrored with probability 1/2.
+    `offsets` is `(N, 2)` int64 (row, column) in `[0, 2 * padding]`, or None when `padding == 0`; `mirror` is `(N,)`
+    bool, or None when `flip` is off. The numbers are drawn in the order `random_crop_flip` draws them, so
+    `crop_flip(images, *draw_crop_flip(...))` equals `random_crop_flip(images, ...)` for the same generator state.
+    """
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    mirror = offsets = None
+    if flip:
+        mirror = (torch.rand((num_samples, 1), device=device, generator=generator) < 0.5).view(num_samples)
+    if padding > 0:
+        drawn = torch.randint(0, 2 * padding + 1, (2, num_samples, 1), device=device, generator=generator)
+        offsets = drawn.view(2, num_samples).t()
+    return offsets, mirror
+
+
+def crop_flip(
+    images: torch.Tensor, offsets: torch.Tensor | None, mirror: torch.Tensor | None, padding: int = 4
+) -> torch.Tensor:
+    """Crop each image of `images` at the given offsets of its zero-padded copy, and mirror it where `mirror` is set.
+
+    The deterministic half of `random_crop_flip`: it replays stored augmentation parameters (`draw_crop_flip`'s, or a
+    teacher cache's) with one gather on `images.device`.
 
     Args:
-        images: `(N, C, H, W)` images of any dtype; uint8 keeps the gather 4x cheaper than float.
-        padding: zero padding on each side before cropping back to `(H, W)`; 0 disables the crop.
-        flip: mirror half of the samples left-right.
-        generator: a generator on `images.device`; the device's default generator when None.
+        images: `(N, C, H, W)` images of any dtype.
+        offsets: `(N, 2)` integer (row, column) offsets in `[0, 2 * padding]`, or None for no crop.
+        mirror: `(N,)` bool, True where the image is mirrored left-right, or None for no flip.
+        padding: the zero padding the offsets refer to.
     """
     if images.ndim != 4:
         raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
@@ -65,14 +94,13 @@ def random_crop_flip(
     device = images.device
     rows = torch.arange(h, device=device).expand(n, h)
     cols = torch.arange(w, device=device).expand(n, w)
-    if flip:
-        mirror = torch.rand((n, 1), device=device, generator=generator) < 0.5
-        cols = torch.where(mirror, (w - 1) - cols, cols)
-    if padding > 0:
+    if mirror is not None:
+        cols = torch.where(mirror.view(n, 1).to(device), (w - 1) - cols, cols)
+    if offsets is not None and padding > 0:
         images = nn.functional.pad(images, (padding, padding, padding, padding))
-        offsets = torch.randint(0, 2 * padding + 1, (2, n, 1), device=device, generator=generator)
-        rows, cols = rows + offsets[0], cols + offsets[1]
-    elif not flip:
+        offsets = offsets.to(device=device, dtype=torch.long)
+        rows, cols = rows + offsets[:, :1], cols + offsets[:, 1:]
+    elif mirror is None:
         return images
     # images[i, ch, rows[i, y], cols[i, x]] for every i, ch, y, x in one indexing kernel.
     batch = torch.arange(n, device=device).view(n, 1, 1, 1)
@@ -97,6 +125,27 @@ def resize_images(images: torch.Tensor, size: Sequence[int] | int) -> torch.Tens
     if tuple(images.shape[-2:]) == hw:
         return images
     return nn.functional.interpolate(images, size=hw, mode="bilinear", antialias=True, align_corners=False)
+
+
+def random_crop_flip(
+    images: torch.Tensor, padding: int = 4, flip: bool = True, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Random crop with zero padding, then random horizontal flip, per sample, as one gather on `images.device`.
+
+    Matches `torchvision.transforms.RandomCrop(size, padding)` followed by `RandomHorizontalFlip()`: each sample's
+    offsets are uniform over the `2 * padding + 1` positions per axis, and it is mirrored with probability 1/2.
+    It is `crop_flip(images, *draw_crop_flip(len(images), padding, flip))`.
+
+    Args:
+        images: `(N, C, H, W)` images of any dtype; uint8 keeps the gather 4x cheaper than float.
+        padding: zero padding on each side before cropping back to `(H, W)`; 0 disables the crop.
+        flip: mirror half of the samples left-right.
+        generator: a generator on `images.device`; the device's default generator when None.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    offsets, mirror = draw_crop_flip(images.shape[0], padding, flip, device=images.device, generator=generator)
+    return crop_flip(images, offsets, mirror, padding)
 
 
 def normalize_images(
@@ -205,7 +254,8 @@ class DeviceAugment:
             channels_last=getattr(args, "channels_last", False),
         )
 
-    def __call__(self, batch: Mapping[str, Any], train: bool) -> dict[str, Any]:
+    @staticmethod
+    def _check(batch: Mapping[str, Any]) -> torch.Tensor:
         images = batch.get("pixel_values")
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
             got = f"{images.dtype} of shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else images
@@ -213,13 +263,30 @@ class DeviceAugment:
                 f"device_augment expects pixel_values as uint8 (N, C, H, W) images, got {got}. Keep the dataset as "
                 "uint8 (hf_kdsearch.to_uint8_tensors, DeviceImageDataset) or turn device_augment off."
             )
+        return images
+
+    def __call__(self, batch: Mapping[str, Any], train: bool) -> dict[str, Any]:
+        images = self._check(batch)
+        if train:
+            images = random_crop_flip(images, self.padding, self.flip)
+        return {**batch, "pixel_values": self._normalized(images)}
+
+    def replay(self, batch: Mapping[str, Any], offsets: torch.Tensor | None, mirror: torch.Tensor | None) -> dict:
+        """A training batch augmented with given parameters (`draw_crop_flip`'s shapes) instead of random ones."""
+        images = self._check(batch)
+        return {**batch, "pixel_values": self._normalized(crop_flip(images, offsets, mirror, self.padding))}
+
+    @property
+    def augmentation(self) -> dict[str, Any]:
+        """What training draws: the crop padding and whether it flips (normalisation is not augmentation)."""
+        return {"padding": self.padding, "flip": self.flip}
+
+    def _normalized(self, images: torch.Tensor) -> torch.Tensor:
         if images.device not in self._affine:
             # Copied to the device once: a copy per step from pageable memory would wait for the queued kernels.
             self._affine[images.device] = _affine(self.mean, self.std, images, torch.float32)
-        if train:
-            images = random_crop_flip(images, self.padding, self.flip)
         scale, shift = self._affine[images.device]
-        return {**batch, "pixel_values": _normalize(images, scale, shift, self.channels_last)}
+        return _normalize(images, scale, shift, self.channels_last)
 
     def __repr__(self) -> str:
         return (
@@ -288,6 +355,46 @@ class DeviceImageDataset(TensorImageDataset):
         return {"pixel_values": self.images[idx], "labels": self.labels[idx]}
 
 
+class SampleIndexDataset(Dataset):
+    """A map-style dataset whose items (and `__getitems__` batches) also carry `sample_index`, their position.
+
+    Training from a teacher cache, and UNIX with free scoring, look samples up by that index; `DistillationTrainer`
+    wraps its training set in this when either is asked for. Under DDP each rank's batches carry their own indices.
+    """
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    @classmethod
+    def wrap(cls, dataset: Any) -> SampleIndexDataset:
+        return dataset if isinstance(dataset, cls) else cls(dataset)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.dataset[i], "sample_index": torch.tensor(int(i))}
+
+    def __getitems__(self, indices: list[int]) -> Any:
+        inner = getattr(self.dataset, "__getitems__", None)
+        if inner is None:
+            return [self[i] for i in indices]
+        batch = inner(indices)
+        if isinstance(batch, Mapping):
+            return {**batch, "sample_index": torch.as_tensor(indices, dtype=torch.long)}
+        return [{**item, "sample_index": torch.tensor(int(i))} for item, i in zip(batch, indices)]
+
+    def __getattr__(self, name: str) -> Any:
+        # `images`, `labels`, `device`, `collate` ... of the wrapped dataset.
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def _unwrap_dataset(dataset: Any) -> Any:
+    return dataset.dataset if isinstance(dataset, SampleIndexDataset) else dataset
+
+
 def setup_fast_path(trainer: Any) -> DeviceAugment | None:
     """What a trainer built on `LossMetricsMixin` does with the fast-path settings of its `args`, once, at init.
 
@@ -306,6 +413,7 @@ def setup_fast_path(trainer: Any) -> DeviceAugment | None:
     datasets = [trainer.train_dataset]
     eval_dataset = trainer.eval_dataset
     datasets += list(eval_dataset.values()) if isinstance(eval_dataset, Mapping) else [eval_dataset]
+    datasets = [_unwrap_dataset(d) for d in datasets]
     if args.remove_unused_columns and any(isinstance(d, DeviceImageDataset) for d in datasets):
         raise ValueError(
             "DeviceImageDataset hands the loader whole batches, which the Trainer's column filter would take apart: "

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
 from .flops import count_flops
@@ -47,6 +48,8 @@ logger = logging.get_logger(__name__)
 
 #: Larger score = more uncertain, for every measure.
 UNCERTAINTY_MEASURES = ("entropy", "least_confidence", "margin", "random")
+#: How the callback gets the student's scores: a no-grad pass per batch, or its own training forward of earlier epochs.
+SCORING_MODES = ("pass", "free")
 
 
 # ---- pure functions ------------------------------------------------------------------------------------------------
@@ -117,8 +120,8 @@ def num_selected(batch_size: int, select_ratio: float) -> int:
     return max(1, round(select_ratio * batch_size))
 
 
-def unix_cost_ratio(teacher_fraction: float, flops_ratio: float | None) -> float:
-    """UNIX's computation relative to plain KD, `k/N + 1/(F_t/F_s + 2)`, counting a backward pass as one forward.
+def unix_cost_ratio(teacher_fraction: float, flops_ratio: float | None, scored_fraction: float = 1.0) -> float:
+    """UNIX's computation relative to plain KD, `k/N + s/(F_t/F_s + 2)`, counting a backward pass as one forward.
 
     Plain KD spends `F_t + 2 F_s` per sample (teacher forward, student forward and backward). UNIX spends `F_s` per
     sample on scoring, and `F_t + 2 F_s` on the kept share `teacher_fraction = k/N`. With `flops_ratio=None` no
@@ -127,12 +130,14 @@ def unix_cost_ratio(teacher_fraction: float, flops_ratio: float | None) -> float
     Args:
         teacher_fraction: the share of samples the teacher (and the student's training step) ran on.
         flops_ratio: forward FLOPs of the teacher over those of the student, `F_t / F_s`.
+        scored_fraction: `s`, the share of samples scored by a no-grad pass (1 with a pass per batch; with free
+            scoring only the first epoch's).
     """
     if flops_ratio is None:
         return float(teacher_fraction)
     if not flops_ratio > 0:
         raise ValueError(f"flops_ratio = F_t / F_s must be > 0, got {flops_ratio!r}")
-    return float(teacher_fraction) + 1.0 / (flops_ratio + 2.0)
+    return float(teacher_fraction) + float(scored_fraction) / (flops_ratio + 2.0)
 
 
 @dataclass(frozen=True)
@@ -259,12 +264,13 @@ def _unwrap_ddp(model: nn.Module) -> nn.Module:
 
 
 # ---- callback ------------------------------------------------------------------------------------------------------
-class UncertaintyMixupCallback(DistillationCallback):
+class UncertaintyMixupCallback(DistillationCallback, ExportableState):
     """UNIX for `DistillationTrainer`: the teacher runs only on the `select_ratio` most uncertain samples of each batch.
 
     Xu, Liu & Loy 2023, https://arxiv.org/abs/2012.09413. At every training micro-batch of N samples (per device):
 
-    1. the student scores the batch in eval mode under `no_grad` (batch-norm statistics are not updated);
+    1. the student scores the batch: with `scoring="pass"` (the paper's way) in eval mode under `no_grad` (batch-norm
+       statistics are not updated); with `scoring="free"` from its own training forward of an earlier epoch (below);
     2. with `mixup=True`, one `lambda ~ Beta(mixup_alpha, mixup_alpha)` is drawn and sample of uncertainty rank r is
        mixed with a random partner by `m[r] = lambda * sigmoid(w (r/N - (2b - 1)/(2N)))`, `b = mix_boundary * N`,
        `w = mix_slope`; the labels are mixed the same way for the cross-entropy term;
@@ -280,13 +286,28 @@ class UncertaintyMixupCallback(DistillationCallback):
     print(cb.totals)  # samples seen, teacher samples and forwards, teacher_fraction, cost_ratio
     ```
 
-    Logged at every log step (cumulative since `train()` began): `teacher_fraction` (teacher samples / samples seen,
-    as counted by the trainer), `cost_ratio` (`unix_cost_ratio`: computation relative to plain KD, with FLOPs from
-    `count_flops`), and `teacher_samples_total`, `samples_seen_total`, `teacher_forwards_total` summed over ranks;
+    **Free scoring** (`scoring="free"`). The student's training forward already gives logits for the k kept samples;
+    their uncertainty is stored per sample index (the trainer then passes `sample_index` in every batch), and a later
+    epoch ranks each sample by its stored score instead of running the no-grad pass. The first epoch scores with the
+    pass (every sample gets a clean score); from the second epoch on there is no scoring pass at all. A stored score is
+    the one of the sample's last training forward: of the mixed input, in train mode (dropout, batch statistics), and
+    possibly epochs old for a sample that was not kept since. Under DDP the ranks merge their tables at each epoch end
+    (one all-reduce of 2N numbers), so every rank ranks every sample by the latest score.
+
+    Logged at every log step (cumulative over the run, across resumes): `teacher_fraction` (teacher samples / samples
+    seen, as counted by the trainer), `cost_ratio` (`unix_cost_ratio`: computation relative to plain KD, with FLOPs
+    from `count_flops`), and `teacher_samples_total`, `samples_seen_total`, `teacher_forwards_total` summed over ranks;
     `uncertainty`, the batch-mean score, is averaged over the log window. At the end of training the same totals are
     logged and kept in `self.totals`.
 
     Under DDP each rank scores and selects from its own shard; under gradient accumulation each micro-batch is a batch.
+
+    **Resume is exact.** The random draws of micro-batch j of optimizer step t come from a generator seeded with
+    `(seed, process index, t, j)`, so a run resumed from a checkpoint draws what the uninterrupted run drew. The totals
+    (and, with free scoring, the score table) are part of the checkpoint (`ExportableState`, in `trainer_state.json`;
+    under DDP, rank 0's counts, which equal every rank's when the ranks' batches are of equal size, and rank 0's score
+    table, which lacks the other ranks' scores since the last epoch end: a DDP resume with free scoring in the middle
+    of an epoch is therefore not bit-exact).
 
     Args:
         select_ratio: share of each batch the teacher sees, in (0, 1]. The paper uses 0.75 (k = 48 of 64).
@@ -299,9 +320,13 @@ class UncertaintyMixupCallback(DistillationCallback):
         teacher_flops_ratio: `F_t / F_s` for the cost estimate. Default: measured once with `count_flops` on the
             first batch's `mix_key` input.
         mix_key: the batch key of the inputs to mix (and measure FLOPs on).
-        seed: seed of the callback's own random draws (lambda, partners, random scores), offset by the process index so
-            ranks draw differently. Default: `args.seed`.
+        seed: seed of the callback's own random draws (lambda, partners, random scores), combined with the process
+            index so ranks draw differently. Default: `args.seed`.
+        scoring: `"pass"` (a no-grad scoring pass per batch, the paper's) or `"free"` (see above).
     """
+
+    #: UNIX mixes images and re-draws partners, so stored teacher outputs would not match them (teacher_cache.py).
+    works_with_teacher_cache = False
 
     def __init__(
         self,
@@ -315,6 +340,7 @@ class UncertaintyMixupCallback(DistillationCallback):
         teacher_flops_ratio: float | None = None,
         mix_key: str = "pixel_values",
         seed: int | None = None,
+        scoring: str = "pass",
     ):
         if not (isinstance(select_ratio, int | float) and 0.0 < select_ratio <= 1.0):
             raise ValueError(f"select_ratio must lie in (0, 1], got {select_ratio!r}")
@@ -325,6 +351,10 @@ class UncertaintyMixupCallback(DistillationCallback):
             raise ValueError(f"mixup_alpha must be > 0, got {mixup_alpha!r}")
         if teacher_flops_ratio is not None and not teacher_flops_ratio > 0:
             raise ValueError(f"teacher_flops_ratio (F_t / F_s) must be > 0, got {teacher_flops_ratio!r}")
+        if scoring not in SCORING_MODES:
+            raise ValueError(f"scoring must be one of {SCORING_MODES}, got {scoring!r}")
+        if scoring == "free" and uncertainty == "random":
+            raise ValueError("scoring='free' stores the student's scores; uncertainty='random' has none to store")
         self.select_ratio = float(select_ratio)
         self.uncertainty = uncertainty
         self.mixup = bool(mixup)
@@ -334,17 +364,67 @@ class UncertaintyMixupCallback(DistillationCallback):
         self.teacher_flops_ratio = teacher_flops_ratio
         self.mix_key = mix_key
         self.seed = seed
+        self.scoring = scoring
+        #: Free scoring looks samples up by index, so the trainer must put `sample_index` in the batches.
+        self.needs_sample_index = scoring == "free"
         #: Totals of the last `train()`, summed over ranks; None until it ends.
         self.totals: dict[str, float] | None = None
         self._trainer: DistillationMixin | None = None
         self._torch_rng: torch.Generator | None = None
-        self._numpy_rng: np.random.Generator | None = None
+        self._scores: torch.Tensor | None = None  # free scoring: (N,) latest score per sample, NaN = none yet
+        self._updated: torch.Tensor | None = None  # (N,) scored on this rank since the last merge
+        self._restored_scores: list[float] | None = None
         self._reset_counts()
 
     def _reset_counts(self) -> None:
         self._started = False
         self._base_seen = self._base_teacher = 0
+        self._offset = (0, 0, 0, 0)  # counts restored from a checkpoint: seen, teacher, forwards, scored
         self.teacher_forwards = 0
+        self.scored_samples = 0
+        self._micro = 0
+
+    # ---- state (ExportableState): stored in trainer_state.json at each checkpoint ----------------------------------
+    def state(self) -> dict:
+        seen, teacher, forwards, scored = self._local_counts() if self._started else self._offset
+        attributes: dict[str, Any] = {
+            "samples_seen": seen,
+            "teacher_samples": teacher,
+            "teacher_forwards": forwards,
+            "scored_samples": scored,
+        }
+        if self.scoring == "free":
+            # No collective here: the Trainer calls state() on the saving process only. Under DDP this is rank 0's
+            # table, merged at the last epoch end plus rank 0's own scores since.
+            scores = self._scores.tolist() if self._scores is not None else self._restored_scores
+            attributes["scores"] = scores
+        return {
+            "args": {
+                "select_ratio": self.select_ratio,
+                "uncertainty": self.uncertainty,
+                "mixup": self.mixup,
+                "mix_boundary": self.mix_boundary,
+                "mix_slope": self.mix_slope,
+                "mixup_alpha": self.mixup_alpha,
+                "mix_key": self.mix_key,
+                "seed": self.seed,
+                "scoring": self.scoring,
+            },
+            "attributes": attributes,
+        }
+
+    def _restore(self, state) -> None:
+        stored = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(stored, list):  # several callbacks of this class: the one built with the same arguments
+            mine = self.state()["args"]
+            stored = next((s for s in stored if s.get("args") == mine), stored[0] if stored else None)
+        attributes = (stored or {}).get("attributes", {})
+        if "samples_seen" in attributes:
+            self._offset = tuple(
+                int(attributes.get(k, 0))
+                for k in ("samples_seen", "teacher_samples", "teacher_forwards", "scored_samples")
+            )
+        self._restored_scores = attributes.get("scores")
 
     # ---- the distillation step ------------------------------------------------------------------------------------
     def on_distill_batch(self, trainer: DistillationMixin, model: nn.Module, inputs: dict) -> dict:
@@ -353,20 +433,26 @@ class UncertaintyMixupCallback(DistillationCallback):
         x = inputs.get(self.mix_key)
         n = x.shape[0] if isinstance(x, torch.Tensor) else _first_dim(inputs)
         device = x.device if isinstance(x, torch.Tensor) else trainer.accelerator.device
-        rng = self._rng(device)
+        rng, numpy_rng = self._rng(device, trainer.state.global_step)
 
         if self.uncertainty == "random":
             scores = torch.rand(n, device=device, generator=rng)
+        elif self.scoring == "free" and int(trainer.state.epoch or 0) > 0:
+            scores = self._score_table(device)[_sample_index(inputs)]
+            trainer.record_metric("uncertainty", scores.mean(), "train")
         else:
             scorer = _unwrap_ddp(model)
             with torch.no_grad(), _scoring_mode(scorer):
                 logits = trainer.student_logits(scorer, inputs)
             scores = uncertainty_scores(logits, self.uncertainty)
             trainer.record_metric("uncertainty", scores.mean(), "train")
+            self.scored_samples += n
+            if self.scoring == "free":
+                self._store_scores(_sample_index(inputs), scores)
 
         lam = partner = None
         if self.mixup:
-            lam = float(self._numpy_rng.beta(self.mixup_alpha, self.mixup_alpha))
+            lam = float(numpy_rng.beta(self.mixup_alpha, self.mixup_alpha))
             partner = torch.randperm(n, device=device, generator=rng)
         selection = select_uncertain(
             scores,
@@ -381,12 +467,20 @@ class UncertaintyMixupCallback(DistillationCallback):
     def on_distill_loss(self, trainer, model, inputs, student_logits, teacher_logits):
         if teacher_logits is not None:
             self.teacher_forwards += 1
+        if self.scoring == "free" and model.training:
+            # The training forward's scores, for free: what the next epoch ranks these samples by.
+            self._store_scores(_sample_index(inputs), uncertainty_scores(student_logits.detach(), self.uncertainty))
         return None
 
     def _start(self, trainer: DistillationMixin, model: nn.Module, inputs: Mapping[str, Any]) -> None:
         if not isinstance(trainer, DistillationMixin):
             raise TypeError(
                 f"UncertaintyMixupCallback works through DistillationMixin's hooks; got a {type(trainer).__name__}"
+            )
+        if getattr(trainer, "teacher_cache", None) is not None:
+            raise ValueError(
+                "UNIX mixes images, so a teacher cache's stored outputs cannot match them: pass teacher_model= instead "
+                "of teacher_cache= to run UNIX"
             )
         self._trainer = trainer
         # The trainer's counters run over its whole life; totals are for this train() call.
@@ -410,33 +504,65 @@ class UncertaintyMixupCallback(DistillationCallback):
                     )
                 self.teacher_flops_ratio = f_t / f_s
 
-    def _rng(self, device: torch.device) -> torch.Generator:
+    def _rng(self, device: torch.device, step: int) -> tuple[torch.Generator, np.random.Generator]:
+        """The generators of this micro-batch: seeded from (seed, rank, optimizer step, micro-batch), so a resumed run
+        draws exactly what the uninterrupted one drew, with no generator state to checkpoint."""
+        args = self._trainer.args
+        seed = args.seed if self.seed is None else self.seed
+        sequence = np.random.SeedSequence([seed, args.process_index, step, self._micro])
+        self._micro += 1
         if self._torch_rng is None or self._torch_rng.device != torch.device(device):
-            seed = (self._trainer.args.seed if self.seed is None else self.seed) + self._trainer.args.process_index
-            self._torch_rng = torch.Generator(device=device).manual_seed(seed)
-            if self._numpy_rng is None:
-                self._numpy_rng = np.random.default_rng(seed)
-        return self._torch_rng
+            self._torch_rng = torch.Generator(device=device)
+        self._torch_rng.manual_seed(int(sequence.generate_state(1, np.uint64)[0]) >> 1)
+        return self._torch_rng, np.random.default_rng(sequence)
+
+    # ---- free scoring: the score table -----------------------------------------------------------------------------
+    def _score_table(self, device: torch.device) -> torch.Tensor:
+        if self._scores is None:
+            size = len(self._trainer.train_dataset)
+            self._scores = torch.full((size,), float("nan"), device=device)
+            if self._restored_scores is not None:
+                self._scores.copy_(torch.tensor(self._restored_scores, dtype=torch.float32))
+            self._updated = torch.zeros(size, dtype=torch.bool, device=device)
+        return self._scores
+
+    def _store_scores(self, index: torch.Tensor, scores: torch.Tensor) -> None:
+        table = self._score_table(scores.device)
+        table[index] = scores.float()
+        self._updated[index] = True
+
+    def _merged_scores(self) -> torch.Tensor:
+        """The table with every rank's updates since the last merge (their mean where ranks overlap)."""
+        trainer = self._trainer
+        if trainer.accelerator.num_processes > 1:
+            update = torch.stack([torch.where(self._updated, self._scores, 0.0), self._updated.float()])
+            update = trainer.accelerator.reduce(update, reduction="sum")
+            merged = torch.where(update[1] > 0, update[0] / update[1].clamp_min(1), self._scores)
+            self._scores.copy_(merged)
+        self._updated.zero_()
+        return self._scores
 
     # ---- accounting -----------------------------------------------------------------------------------------------
-    def _local_counts(self) -> tuple[int, int, int]:
+    def _local_counts(self) -> tuple[int, int, int, int]:
         trainer = self._trainer
+        seen, teacher, forwards, scored = self._offset
         return (
-            trainer.samples_seen - self._base_seen,
-            trainer.teacher_samples - self._base_teacher,
-            self.teacher_forwards,
+            seen + trainer.samples_seen - self._base_seen,
+            teacher + trainer.teacher_samples - self._base_teacher,
+            forwards + self.teacher_forwards,
+            scored + self.scored_samples,
         )
 
-    def _cost_ratio(self, teacher_fraction: float) -> float | None:
+    def _cost_ratio(self, teacher_fraction: float, scored_fraction: float = 1.0) -> float | None:
         if self.uncertainty == "random":
             return unix_cost_ratio(teacher_fraction, None)
         if self.teacher_flops_ratio is None:
             return None
-        return unix_cost_ratio(teacher_fraction, self.teacher_flops_ratio)
+        return unix_cost_ratio(teacher_fraction, self.teacher_flops_ratio, scored_fraction)
 
     def _record_totals(self) -> None:
         trainer = self._trainer
-        seen, teacher, forwards = self._local_counts()
+        seen, teacher, forwards, scored = self._local_counts()
         if seen == 0:
             return
         # The trainer averages a metric over ranks; recording P * count makes that mean the sum over ranks.
@@ -445,21 +571,29 @@ class UncertaintyMixupCallback(DistillationCallback):
         trainer.record_metric("teacher_samples_total", float(teacher * world), "train")
         trainer.record_metric("teacher_forwards_total", float(forwards * world), "train")
         trainer.record_metric("teacher_fraction", teacher / seen, "train")
-        cost = self._cost_ratio(teacher / seen)
+        cost = self._cost_ratio(teacher / seen, scored / seen)
         if cost is not None:
             trainer.record_metric("cost_ratio", cost, "train")
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._reset_counts()
         self.totals = None
+        self._scores = self._updated = None
+        self._restored_scores = None
+        if state.global_step > 0:
+            # Resuming: the Trainer has loaded trainer_state.json, whose stateful_callbacks hold our totals.
+            self._restore(state)
 
     def on_step_end(self, args, state, control, **kwargs):
+        self._micro = 0
         # Recorded only when a log follows (DefaultFlowCallback decided it before us), so a cumulative value is never
         # averaged with older ones; the last step's record reaches the Trainer's final log.
         if self._started and (control.should_log or control.should_training_stop):
             self._record_totals()
 
     def on_epoch_end(self, args, state, control, **kwargs):
+        if self._scores is not None:
+            self._merged_scores()  # every rank ranks next epoch's samples by the latest scores of all ranks
         if self._started and control.should_log:
             self._record_totals()
 
@@ -474,14 +608,15 @@ class UncertaintyMixupCallback(DistillationCallback):
         counts = torch.tensor(self._local_counts(), dtype=torch.float64, device=trainer.accelerator.device)
         if trainer.accelerator.num_processes > 1:
             counts = trainer.accelerator.reduce(counts, reduction="sum")
-        seen, teacher, forwards = (int(round(v)) for v in counts.tolist())
+        seen, teacher, forwards, scored = (int(round(v)) for v in counts.tolist())
         fraction = teacher / seen if seen else float("nan")
         self.totals = {
             "samples_seen": seen,
             "teacher_samples": teacher,
             "teacher_forwards": forwards,
+            "scored_samples": scored,
             "teacher_fraction": fraction,
-            "cost_ratio": self._cost_ratio(fraction),
+            "cost_ratio": self._cost_ratio(fraction, scored / seen if seen else 1.0),
             "teacher_flops_ratio": self.teacher_flops_ratio,
         }
         if trainer.is_world_process_zero():
@@ -490,6 +625,17 @@ class UncertaintyMixupCallback(DistillationCallback):
                 f"UNIX: the teacher ran on {teacher:,} of {seen:,} samples ({fraction:.2%}) in {forwards:,} forwards; "
                 + (f"estimated cost {cost:.2%} of plain KD" if cost is not None else "cost not estimated")
             )
+
+
+def _sample_index(inputs: Mapping[str, Any]) -> torch.Tensor:
+    index = inputs.get("sample_index")
+    if not isinstance(index, torch.Tensor):
+        raise KeyError(
+            "scoring='free' needs 'sample_index' in every batch: DistillationTrainer adds it when the callback is "
+            "passed at construction (callbacks=[...]); a custom collator must keep the key. Got keys "
+            f"{sorted(inputs)}"
+        )
+    return index
 
 
 def _first_dim(inputs: Mapping[str, Any]) -> int:

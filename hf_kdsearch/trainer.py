@@ -37,7 +37,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.training_args import ParallelMode
 
 from .batch import LOSS_KEYS, batch_size, forward_model, logits_of, num_classes, takes_keywords, unwrap
-from .fastpath import setup_fast_path
+from .fastpath import SampleIndexDataset, setup_fast_path
 from .gates import gate_parameter_names
 from .losses import kd_loss, mixed_cross_entropy
 from .teacher import Teacher, TeacherAccuracyCheck, TeacherSource, image_stats
@@ -55,6 +55,10 @@ __all__ = [
 
 class DistillationCallback(TrainerCallback):
     """A `TrainerCallback` that can also change the batch and add loss terms; see the module docstring."""
+
+    #: Set True when the callback reads `inputs["sample_index"]`: the trainer then wraps its training set in
+    #: `SampleIndexDataset`, so every batch carries its samples' positions in the dataset.
+    needs_sample_index: bool = False
 
     def on_distill_batch(self, trainer: DistillationMixin, model: nn.Module, inputs: dict) -> dict | None:
         return None
@@ -291,11 +295,19 @@ class DistillationMixin(LossMetricsMixin):
         self,
         *args,
         teacher_model: nn.Module | str | None = None,
-        teacher_cache: TeacherSource | None = None,
+        teacher_cache: Any = None,
         **kwargs,
     ):
+        if teacher_model is not None and teacher_cache is not None:
+            raise ValueError("pass teacher_model= or teacher_cache=, not both: a cache replaces the teacher's forward")
+        # Batches carry their dataset positions when a teacher cache or a callback (UNIX free scoring) reads them.
+        callbacks = kwargs.get("callbacks") or []
+        if kwargs.get("train_dataset") is not None and (
+            teacher_cache is not None or any(getattr(cb, "needs_sample_index", False) for cb in callbacks)
+        ):
+            kwargs["train_dataset"] = SampleIndexDataset.wrap(kwargs["train_dataset"])
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if teacher_model is None:
+        if teacher_model is None and teacher_cache is None:
             teacher_model = getattr(training_args, "teacher_model_name_or_path", None)
         if teacher_model is None and teacher_cache is None:
             raise ValueError(
@@ -343,8 +355,13 @@ class DistillationMixin(LossMetricsMixin):
                 self.model, mean=self._arg("image_mean", None), std=self._arg("image_std", None)
             )
             self.teacher.expect_student(student_stats, num_classes(self.model))
-        #: What the loss asks for teacher logits: the teacher itself, or a `teacher_cache` standing in for it.
+        if hasattr(teacher_cache, "for_trainer"):  # a TeacherCache; any other TeacherSource is used as it is
+            teacher_cache = teacher_cache.for_trainer(self)  # checks the dataset, the classes and the augmentation
+            # Training batches replay the stored views (crop offsets, flips) instead of drawing new ones.
+            self.device_augment = teacher_cache.replay_augment(self.device_augment, lambda: self.state.epoch)
+        #: What the loss asks for teacher logits: the teacher itself, or a teacher cache standing in for it.
         self.teacher_source: TeacherSource = teacher_cache if teacher_cache is not None else self.teacher
+        self.teacher_cache = teacher_cache
         self._student_keywords: bool | None = None
         self._user_loss = _defines_compute_loss(type(self))
         reported = self.teacher.reported_accuracy if self.teacher is not None else None
@@ -378,8 +395,11 @@ class DistillationMixin(LossMetricsMixin):
         """Teacher logits for a batch: from the `TeacherSource` (the teacher or its cache), prepared on first use.
 
         Prepared on first use, not in `__init__`: the Trainer decides whether to prepare the student for `evaluate()`
-        by checking that Accelerate holds no model yet, and a prepared teacher would break that.
+        by checking that Accelerate holds no model yet, and a prepared teacher would break that. A teacher cache holds
+        outputs for the training views only: None in evaluation.
         """
+        if self.teacher is None and not self.model.training:
+            return None
         self.teacher_source.prepare(self.accelerator)
         try:
             return self.teacher_source.logits(inputs)
@@ -436,20 +456,23 @@ class DistillationMixin(LossMetricsMixin):
             if replaced is not None:
                 inputs = replaced
 
-        task_loss, student_logits, outputs = self._task_loss(
-            model, inputs, needed=self.alpha < 1, num_items_in_batch=num_items_in_batch
-        )
         teacher_logits = self.teacher_logits(inputs) if self.alpha > 0 else None
+        alpha = (
+            self.alpha if teacher_logits is not None else 0.0
+        )  # no teacher outputs (a cache at evaluation): task only
+        task_loss, student_logits, outputs = self._task_loss(
+            model, inputs, needed=alpha < 1, num_items_in_batch=num_items_in_batch
+        )
         if training and teacher_logits is not None and self._accuracy_check is not None:
             self._check_teacher_accuracy(teacher_logits, inputs)
 
         losses: dict[str, torch.Tensor] = {}
-        if self.alpha > 0:
-            losses["loss_kd"] = self.alpha * kd_loss(
+        if alpha > 0:
+            losses["loss_kd"] = alpha * kd_loss(
                 student_logits, teacher_logits=teacher_logits, temperature=self.temperature
             )
-        if self.alpha < 1 and task_loss is not None:
-            losses["loss_ce"] = (1 - self.alpha) * task_loss
+        if alpha < 1 and task_loss is not None:
+            losses["loss_ce"] = (1 - alpha) * task_loss
         for cb in hooks:
             extra = cb.on_distill_loss(self, model, inputs, student_logits, teacher_logits)
             for name, term in (extra or {}).items():

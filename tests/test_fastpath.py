@@ -276,7 +276,8 @@ def test_throughput_benchmark_smoke(tmp_path):
     assert bench.main(["--smoke", "--device", "cpu", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = result["images_per_s"]
-    assert {k[:3] for k in rows} == {"(a)", "(b)", "(c)", "(d)"}
+    assert {k[:3] for k in rows} == {"(a)", "(b)", "(c)", "(d)", "(e)", "(f)", "(g)", "(h)"}
+    assert sum(k.startswith("(f)") for k in rows) == 3 and sum(k.startswith("(h)") for k in rows) == 2
     for label, row in rows.items():
         (value,) = row.values()
         if "CUDA graph" in label:

@@ -249,6 +249,7 @@ def test_teacher_sees_only_k_samples_and_cost_is_logged(tmp_path):
         "samples_seen": 32,
         "teacher_samples": 24,
         "teacher_forwards": 3,
+        "scored_samples": 32,
         "teacher_fraction": 0.75,
         "cost_ratio": pytest.approx(0.75 + 1 / (flops_ratio + 2)),
         "teacher_flops_ratio": pytest.approx(flops_ratio),
@@ -459,3 +460,50 @@ def test_ddp_two_processes_each_rank_selects_from_its_own_shard(tmp_path):
         assert not set(b0) & set(b1)  # the shards are disjoint
     assert r0["params"] == pytest.approx(r1["params"], rel=1e-6)  # DDP kept the students in sync
     assert [h["teacher_samples_total"] for h in r0["logs"]] == [8, 16, 24]
+
+
+# ---- resume and free scoring -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scoring", ["pass", "free"])
+def test_resume_from_a_checkpoint_is_the_same_run(tmp_path, scoring):
+    """Train 8 steps (2 epochs) against train 6, checkpoint, resume to 8: the same weights and the same totals."""
+    data, teacher, init = _mnist_like(48), _cnn(1, widths=(8, 8)), _cnn(0, drop_rate=0.3)
+
+    def run(out, resume=None):
+        student, cb = copy.deepcopy(init), UncertaintyMixupCallback(select_ratio=0.5, mixup=True, scoring=scoring)
+        trainer = _trainer(out, student, teacher, [cb], data, max_steps=8, save_strategy="steps", save_steps=6)
+        trainer.train(resume_from_checkpoint=resume)
+        return student.state_dict(), cb.totals, trainer
+
+    full, full_totals, _ = run(tmp_path / "full")
+    resumed, resumed_totals, trainer = run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-6"))
+    assert trainer.samples_seen == 24  # the resumed trainer itself ran only the last 2 steps ...
+    assert resumed_totals == full_totals  # ... but the totals count the whole run
+    assert full_totals["samples_seen"] == 96 and full_totals["teacher_samples"] == 48
+    for key, value in full.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
+    assert not torch.equal(full["fc.weight"], init.state_dict()["fc.weight"])
+
+
+def test_free_scoring_runs_the_scoring_pass_in_the_first_epoch_only(tmp_path):
+    data, teacher, student = _mnist_like(24), _cnn(1, widths=(8, 8)), _cnn(0)
+    calls = []
+    student.register_forward_hook(lambda m, a, out: calls.append((out.shape[0], torch.is_grad_enabled())))
+    cb = UncertaintyMixupCallback(select_ratio=0.5, mixup=True, scoring="free", teacher_flops_ratio=3.0)
+    trainer = _trainer(tmp_path, student, teacher, [cb], data, max_steps=6)  # 3 epochs of 2 batches of 12
+    trainer.train()
+    # Epoch 1: scoring pass (12, no grad) then the training forward on k = 6; epochs 2 and 3: the training forward only.
+    assert calls == [(12, False), (6, True)] * 2 + [(6, True)] * 4
+    assert cb.totals["scored_samples"] == 24 and cb.totals["samples_seen"] == 72
+    assert cb.totals["cost_ratio"] == pytest.approx(0.5 + (24 / 72) / (3.0 + 2))
+    assert bool(torch.isfinite(cb._scores).all())  # every sample has a stored score after the first epoch
+
+
+def test_free_scoring_needs_the_sample_index(tmp_path):
+    data, teacher, student = _mnist_like(24), _cnn(1, widths=(8, 8)), _cnn(0)
+    cb = UncertaintyMixupCallback(select_ratio=0.5, scoring="free")
+    trainer = _trainer(tmp_path, student, teacher, [], data, max_steps=1)
+    trainer.add_callback(cb)  # added after construction: the training set was not wrapped
+    with pytest.raises(KeyError, match="sample_index"):
+        trainer.train()
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        UncertaintyMixupCallback(scoring="cheap")
