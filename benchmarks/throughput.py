@@ -24,7 +24,7 @@ One run prints one table, a row per path and a column per batch size:
 and then the ratios: (b) to (a) and (c); every row to the student alone, (c) eager and (e); and UNIX's wall-clock per
 epoch relative to online KD (b). Data are random CIFAR-shaped uint8 images with 100 classes,
 so only speed is measured. Timing: after `--warmup` steps, the device is synchronised, `--steps` steps run, and it is
-synchronised again. On a CPU the ratios are informational only: the issue's targets are for one GPU.
+synchronised again. On a CPU the ratios are informational only: the speed targets are for one GPU.
 
 Results and the hardware they were measured on are in docs/recipe.md.
 """

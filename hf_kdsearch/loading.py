@@ -5,7 +5,7 @@
 | name | loaded with |
 |---|---|
 | a folder (or `local-dir:<folder>`) whose `config.json` has `architecture` | `timm.create_model("local-dir:...")` |
-| a folder whose `config.json` has `model_type` | `transformers.AutoModelForImageClassification` |
+| a folder whose `config.json` has `model_type` | its `architectures` class, else `AutoModelForImageClassification` |
 | `hf-hub:<repo>` or `timm/<name>` | `timm.create_model("hf-hub:...")` |
 | a timm architecture with pretrained weights (`resnet18.a1_in1k`) | `timm.create_model(name, pretrained=True)` |
 | any other Hub id | the repo's `config.json` decides between the two above |
@@ -117,9 +117,10 @@ def _load_folder(folder: str, role: str, kwargs: dict) -> nn.Module:
             f"(timm's format) or by `save_pretrained` (transformers')?"
         )
     with open(config_file) as f:
-        if _config_format(json.load(f), config_file) == "timm":
-            return timm.create_model(f"local-dir:{os.path.abspath(folder)}", pretrained=True, **kwargs)
-    return _auto_model(folder, kwargs)
+        config = json.load(f)
+    if _config_format(config, config_file) == "timm":
+        return timm.create_model(f"local-dir:{os.path.abspath(folder)}", pretrained=True, **kwargs)
+    return _auto_model(folder, config, kwargs)
 
 
 def _load_hub_repo(repo_id: str, role: str, kwargs: dict) -> nn.Module:
@@ -131,7 +132,7 @@ def _load_hub_repo(repo_id: str, role: str, kwargs: dict) -> nn.Module:
             config = json.load(f)
         if _config_format(config, f"{repo_id}/{CONFIG_NAME} on the Hub") == "timm":
             return timm.create_model(f"hf-hub:{repo_id}", pretrained=True, **kwargs)
-        return _auto_model(repo_id, kwargs)
+        return _auto_model(repo_id, config, kwargs)
 
 
 def _config_format(config: dict, where: str) -> str:
@@ -144,10 +145,16 @@ def _config_format(config: dict, where: str) -> str:
     )
 
 
-def _auto_model(name: str, kwargs: dict) -> nn.Module:
-    from transformers import AutoModelForImageClassification
+def _auto_model(name: str, config: dict, kwargs: dict) -> nn.Module:
+    """A transformers model: the class its config names (`architectures`, e.g. `BertForSequenceClassification` for
+    a text teacher), else `AutoModelForImageClassification`."""
+    import transformers
 
-    return AutoModelForImageClassification.from_pretrained(name, **kwargs)
+    architectures = config.get("architectures") or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    if model_class is None:
+        model_class = transformers.AutoModelForImageClassification
+    return model_class.from_pretrained(name, **kwargs)
 
 
 def _check_pretrained(name: str, role: str) -> None:

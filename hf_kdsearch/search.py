@@ -1,7 +1,7 @@
 """`GateSearchCallback`: the search phase of Gu & Tresp's student search, with its penalty schedule, report and plot.
 
 Gu & Tresp (2020), "Search for Better Students to Learn Distilled Knowledge", https://arxiv.org/abs/2001.11612;
-METHODS.md section 2 is our specification. The gates and the extraction live in `gates.py`.
+docs/methods.md states our specification. The gates and the extraction live in the `gates` package.
 
 ```python
 gated = add_gates(copy.deepcopy(teacher))

@@ -85,6 +85,54 @@ def dataset_fingerprint(dataset: Any) -> str:
     return "items:" + digest.hexdigest()
 
 
+def _run_teacher_on_views(
+    teacher: nn.Module,
+    train_dataset: Any,
+    collate: Callable,
+    batch_size: int,
+    num_views: int,
+    augment: DeviceAugment | None,
+    generator: torch.Generator,
+    autocast: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's float32 logits `(N, R, C)` on `num_views` random views of every sample, with the views' crop
+    offsets `(N, R, 2)` and flips `(N, R)`, all on the CPU. One pass with a progress bar; no host sync per batch."""
+    n = len(train_dataset)
+    device = generator.device
+    crops, flips, outs = [], [], []
+    num_batches = -(-n // batch_size)
+    with tqdm(total=num_batches * num_views, desc="teacher cache", unit="batch") as bar:
+        for batch in _batches(train_dataset, batch_size, collate):
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            b = batch["pixel_values"].shape[0]
+            crop = torch.zeros(b, num_views, 2, dtype=torch.int16, device=device)
+            flip = torch.zeros(b, num_views, dtype=torch.bool, device=device)
+            views = []
+            for r in range(num_views):
+                if augment is not None:
+                    offsets, mirror = draw_crop_flip(
+                        b, augment.padding, augment.flip, device=device, generator=generator
+                    )
+                    if offsets is not None:
+                        crop[:, r] = offsets.to(torch.int16)
+                    if mirror is not None:
+                        flip[:, r] = mirror
+                    inputs = augment.replay(batch, offsets, mirror)
+                else:
+                    inputs = batch
+                with (
+                    torch.no_grad(),
+                    torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None),
+                ):
+                    logits = logits_of(forward_model(teacher, inputs)).float()
+                views.append(logits)  # kept on the device: no host sync per batch
+                bar.update(1)
+            crops.append(crop)
+            flips.append(flip)
+            outs.append(torch.stack(views, dim=1))  # (b, R, C)
+    return torch.cat(crops).cpu(), torch.cat(flips).cpu(), torch.cat(outs).cpu()
+
+
 def _batches(dataset: Any, batch_size: int, collate: Callable) -> Any:
     n = len(dataset)
     for start in range(0, n, batch_size):
@@ -175,39 +223,9 @@ class TeacherCache:
         generator = torch.Generator(device=device).manual_seed(args.seed if seed is None else seed)
         store_dtype = torch.float16 if logits_dtype == "float16" else torch.float32
 
-        n = len(train_dataset)
-        crops, flips, outs = [], [], []
-        num_batches = -(-n // batch_size)
-        with tqdm(total=num_batches * num_views, desc="teacher cache", unit="batch") as bar:
-            for batch in _batches(train_dataset, batch_size, collate):
-                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                b = batch["pixel_values"].shape[0]
-                crop = torch.zeros(b, num_views, 2, dtype=torch.int16, device=device)
-                flip = torch.zeros(b, num_views, dtype=torch.bool, device=device)
-                views = []
-                for r in range(num_views):
-                    if augment is not None:
-                        offsets, mirror = draw_crop_flip(
-                            b, augment.padding, augment.flip, device=device, generator=generator
-                        )
-                        if offsets is not None:
-                            crop[:, r] = offsets.to(torch.int16)
-                        if mirror is not None:
-                            flip[:, r] = mirror
-                        inputs = augment.replay(batch, offsets, mirror)
-                    else:
-                        inputs = batch
-                    with (
-                        torch.no_grad(),
-                        torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None),
-                    ):
-                        logits = logits_of(forward_model(teacher, inputs)).float()
-                    views.append(logits)  # kept on the device: no host sync per batch
-                    bar.update(1)
-                crops.append(crop)
-                flips.append(flip)
-                outs.append(torch.stack(views, dim=1))  # (b, R, C)
-        logits = torch.cat(outs).cpu()
+        crops, flips, logits = _run_teacher_on_views(
+            teacher, train_dataset, collate, batch_size, num_views, augment, generator, autocast
+        )
         if not torch.isfinite(logits).all():
             raise FloatingPointError(
                 "the teacher returned non-finite logits while building the cache; check its weights, its input "
@@ -218,9 +236,9 @@ class TeacherCache:
             raise ValueError(f"top_k must be an int in [1, {num_classes}] (the teacher's classes) or None, got {top_k}")
         columns: dict[str, np.ndarray] = {}
         if augment is not None and augment.padding > 0:
-            columns["crop"] = torch.cat(crops).cpu().numpy()
+            columns["crop"] = crops.numpy()
         if augment is not None and augment.flip:
-            columns["flip"] = torch.cat(flips).cpu().numpy()
+            columns["flip"] = flips.numpy()
         if top_k is None:
             columns["logits"] = logits.to(store_dtype).numpy()
         else:
@@ -231,7 +249,7 @@ class TeacherCache:
             "format_version": FORMAT_VERSION,
             "teacher": name,
             "num_views": num_views,
-            "num_samples": n,
+            "num_samples": len(train_dataset),
             "num_classes": num_classes,
             "top_k": top_k,
             "logits_dtype": logits_dtype,

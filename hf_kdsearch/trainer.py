@@ -268,6 +268,31 @@ class LossMetricsMixin:
         super()._save(output_dir, state_dict=state_dict)
 
 
+def _random_access(dataset: Any) -> bool:
+    """Whether `dataset` can be indexed (a map-style dataset), unlike a stream (torch or `datasets` iterable)."""
+    return not isinstance(dataset, torch.utils.data.IterableDataset) and hasattr(type(dataset), "__getitem__")
+
+
+def _check_launch(training_args: Any, teacher_model: Any, teacher_cache: Any) -> None:
+    """Errors a distillation run should meet before the Trainer builds anything: no teacher, or DataParallel."""
+    if teacher_model is None and teacher_cache is None:
+        raise ValueError(
+            "DistillationTrainer needs a teacher: pass teacher_model= (an nn.Module, a local folder, a Hub id or a "
+            "timm name) or set teacher_model_name_or_path in DistillationArguments (--teacher_model_name_or_path)"
+        )
+    if (
+        training_args is not None
+        and training_args.n_gpu > 1
+        and training_args.parallel_mode == ParallelMode.NOT_DISTRIBUTED
+    ):
+        raise ValueError(
+            f"{training_args.n_gpu} GPUs are visible but the run was not launched as distributed, so the Trainer "
+            "would fall back to nn.DataParallel, which replicates the teacher and splits batches unevenly. Launch "
+            "with `accelerate launch --multi_gpu ...` or `torchrun --nproc_per_node N ...`, or expose one GPU "
+            "with CUDA_VISIBLE_DEVICES=0."
+        )
+
+
 class DistillationMixin(LossMetricsMixin):
     """Adds knowledge distillation to any `transformers.Trainer` subclass.
 
@@ -300,6 +325,13 @@ class DistillationMixin(LossMetricsMixin):
     ):
         if teacher_model is not None and teacher_cache is not None:
             raise ValueError("pass teacher_model= or teacher_cache=, not both: a cache replaces the teacher's forward")
+        train_dataset = kwargs.get("train_dataset")
+        if teacher_cache is not None and train_dataset is not None and not _random_access(train_dataset):
+            raise ValueError(
+                f"a teacher cache reads each sample's stored views by its index, so it needs a map-style train_dataset "
+                f"with random access; a streamed {type(train_dataset).__name__} has none. When streaming, distil "
+                "online (teacher_model=), or build the cache on a map-style copy of the data"
+            )
         # Batches carry their dataset positions when a teacher cache or a callback (UNIX free scoring) reads them.
         callbacks = kwargs.get("callbacks") or []
         if kwargs.get("train_dataset") is not None and (
@@ -309,52 +341,14 @@ class DistillationMixin(LossMetricsMixin):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if teacher_model is None and teacher_cache is None:
             teacher_model = getattr(training_args, "teacher_model_name_or_path", None)
-        if teacher_model is None and teacher_cache is None:
-            raise ValueError(
-                "DistillationTrainer needs a teacher: pass teacher_model= (an nn.Module, a local folder, a Hub id or a "
-                "timm name) or set teacher_model_name_or_path in DistillationArguments (--teacher_model_name_or_path)"
-            )
-        if (
-            training_args is not None
-            and training_args.n_gpu > 1
-            and (training_args.parallel_mode == ParallelMode.NOT_DISTRIBUTED)
-        ):
-            raise ValueError(
-                f"{training_args.n_gpu} GPUs are visible but the run was not launched as distributed, so the Trainer "
-                "would fall back to nn.DataParallel, which replicates the teacher and splits batches unevenly. Launch "
-                "with `accelerate launch --multi_gpu ...` or `torchrun --nproc_per_node N ...`, or expose one GPU "
-                "with CUDA_VISIBLE_DEVICES=0."
-            )
+        _check_launch(training_args, teacher_model, teacher_cache)
         super().__init__(*args, **kwargs)
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError(
                 "the student has no parameter that requires grad; is it a copy of a teacher frozen by an earlier "
                 "DistillationTrainer? Call student.requires_grad_(True) first"
             )
-        if teacher_model is self.model:
-            raise ValueError("teacher_model is the student object itself; pass a separate (e.g. deep-copied) teacher")
-        if isinstance(teacher_model, nn.Module):  # before freezing the teacher, which would freeze shared weights too
-            student_params = {p.data_ptr() for p in self.model.parameters()}
-            if any(p.data_ptr() in student_params for p in teacher_model.parameters()):
-                raise ValueError(
-                    "teacher_model shares parameters with the student; distil from a separate copy (copy.deepcopy)"
-                )
-        self.teacher: Teacher | None = None
-        if teacher_model is not None:
-            self.teacher = Teacher(
-                teacher_model,
-                image_mean=self._arg("teacher_image_mean", None),
-                image_std=self._arg("teacher_image_std", None),
-                dtype=self._arg("teacher_dtype", None),
-                compile=self._arg("teacher_compile", False),
-                channels_last=self._arg("channels_last", False),
-                check_finite=self._arg("check_teacher_finite", True),
-                image_size=self._arg("teacher_image_size", None),
-            )
-            student_stats = image_stats(
-                self.model, mean=self._arg("image_mean", None), std=self._arg("image_std", None)
-            )
-            self.teacher.expect_student(student_stats, num_classes(self.model))
+        self.teacher: Teacher | None = self._make_teacher(teacher_model) if teacher_model is not None else None
         if hasattr(teacher_cache, "for_trainer"):  # a TeacherCache; any other TeacherSource is used as it is
             teacher_cache = teacher_cache.for_trainer(self)  # checks the dataset, the classes and the augmentation
             # Training batches replay the stored views (crop offsets, flips) instead of drawing new ones.
@@ -372,6 +366,30 @@ class DistillationMixin(LossMetricsMixin):
         self.teacher_accuracy: float | None = None
         self.samples_seen = 0
         self.teacher_samples = 0
+
+    def _make_teacher(self, teacher_model: nn.Module | str) -> Teacher:
+        """The `Teacher` for `teacher_model`, told what the student is fed and predicts."""
+        if teacher_model is self.model:
+            raise ValueError("teacher_model is the student object itself; pass a separate (e.g. deep-copied) teacher")
+        if isinstance(teacher_model, nn.Module):  # before freezing the teacher, which would freeze shared weights too
+            student_params = {p.data_ptr() for p in self.model.parameters()}
+            if any(p.data_ptr() in student_params for p in teacher_model.parameters()):
+                raise ValueError(
+                    "teacher_model shares parameters with the student; distil from a separate copy (copy.deepcopy)"
+                )
+        teacher = Teacher(
+            teacher_model,
+            image_mean=self._arg("teacher_image_mean", None),
+            image_std=self._arg("teacher_image_std", None),
+            dtype=self._arg("teacher_dtype", None),
+            compile=self._arg("teacher_compile", False),
+            channels_last=self._arg("channels_last", False),
+            check_finite=self._arg("check_teacher_finite", True),
+            image_size=self._arg("teacher_image_size", None),
+        )
+        student_stats = image_stats(self.model, mean=self._arg("image_mean", None), std=self._arg("image_std", None))
+        teacher.expect_student(student_stats, num_classes(self.model))
+        return teacher
 
     # ---- settings with defaults for plain TrainingArguments -------------------------------------------------------
     def _arg(self, name: str, default: Any) -> Any:

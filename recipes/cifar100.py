@@ -3,7 +3,7 @@
     accelerate launch --config_file recipes/accelerate_configs/single_gpu.yaml recipes/cifar100.py \\
         --method kd --teacher cifar_resnet56 --student cifar_resnet20 --output_dir runs/kd_r56_r20
 
-Methods (METHODS.md):
+Methods (docs/methods.md):
 - `kd`: Hinton et al. 2015, alpha 0.9, T 4 (RepDistiller's CIFAR-100 convention).
 - `unix`: Xu, Liu & Loy 2023; the teacher sees the 75 % most uncertain samples, mixed by rank; alpha 1, T 4.
 - `search`: Gu & Tresp 2020; gates on a copy of the teacher find a student under `--target_flops_ratio` of its FLOPs
@@ -154,7 +154,7 @@ class RecipeArguments:
     resume: bool = field(default=False, metadata={"help": "Resume each stage from its last checkpoint, if any."})
 
 
-#: Paper recipes (METHODS.md): RepDistiller / UNIX for kd, unix, search; Walawalkar et al. for the ensemble.
+#: Paper recipes (docs/methods.md): RepDistiller / UNIX for kd, unix, search; Walawalkar et al. for the ensemble.
 #: The ensemble's weight decay and batch size are not stated there; we keep the CIFAR recipe's.
 COMMON_DEFAULTS = dict(
     per_device_train_batch_size=64,

@@ -2,7 +2,7 @@
 
 The quickstart and the evidence runs (`mnist_search.py`, `mnist_unix.py`) compare students against one teacher,
 trained the same way in each: an MLP 784-512-512-10 with dropout 0.3, AdamW at lr 1e-3, 10 epochs, seed 0 (the
-teacher of METHODS.md's measurement).
+teacher of the optimiser measurement in docs/methods.md).
 """
 
 from __future__ import annotations

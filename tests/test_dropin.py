@@ -477,6 +477,19 @@ def test_a_text_classifier_distils_through_the_same_trainer(tmp_path, caplog):
     assert not any("input statistics" in r.getMessage() for r in caplog.records)  # normalisation is image-only
 
 
+def test_a_text_teacher_folder_loads_through_teacher_model_name_or_path(tmp_path):
+    """The two-line change of a run_glue-style script names the teacher by its folder: a sequence classifier there
+    loads as the class its config names, not as an image classifier."""
+    from transformers import BertForSequenceClassification
+
+    tiny_bert(1).save_pretrained(tmp_path / "bert-teacher")
+    args = tiny_args(tmp_path / "out", teacher_model_name_or_path=str(tmp_path / "bert-teacher"))
+    trainer = DistillationTrainer(model=tiny_bert(0), args=args)
+    assert isinstance(trainer.teacher_model, BertForSequenceClassification)
+    batch = {"input_ids": torch.randint(1, 50, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+    torch.testing.assert_close(trainer.teacher_logits(batch), tiny_bert(1).eval()(**batch).logits)
+
+
 def test_a_refused_shared_teacher_leaves_the_student_trainable(tmp_path):
     student = cifar()
     with pytest.raises(ValueError, match="shares parameters"):

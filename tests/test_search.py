@@ -9,10 +9,9 @@ import sys
 import pytest
 import timm
 import torch
-from conftest import random_images
+from conftest import random_images, tiny_args
 
 from hf_kdsearch import (
-    DistillationArguments,
     DistillationTrainer,
     GateSearchCallback,
     add_gates,
@@ -36,24 +35,7 @@ def tiny_teacher() -> torch.nn.Module:
 def trainer_for(tmp_path, cb, *, teacher=None, gated=None, **overrides):
     teacher = teacher or tiny_teacher()
     gated = gated or add_gates(copy.deepcopy(teacher))
-    settings = {
-        "output_dir": str(tmp_path),
-        "max_steps": 4,
-        "per_device_train_batch_size": 8,
-        "learning_rate": 0.1,
-        "optim": "sgd",
-        "lr_scheduler_type": "constant",
-        "weight_decay": 0.0,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "seed": 0,
-        "check_teacher_accuracy": False,  # untrained teachers: the accuracy check would rightly stop them
-        **overrides,
-    }
-    args = DistillationArguments(**settings)
+    args = tiny_args(tmp_path, **{"max_steps": 4, "per_device_train_batch_size": 8, "learning_rate": 0.1, **overrides})
     return DistillationTrainer(
         model=gated, teacher_model=teacher, args=args, callbacks=[cb], train_dataset=random_images(64, SIZE)
     )

@@ -12,10 +12,9 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import random_images
+from conftest import random_images, tiny_args
 
 from hf_kdsearch import (
-    DistillationArguments,
     DistillationCallback,
     DistillationTrainer,
     UncertaintyMixupCallback,
@@ -36,7 +35,7 @@ from hf_kdsearch.data import TensorImageDataset, collate_tensor_batch
 def test_mask_equals_methods_formula_at_paper_setting():
     lam = 0.37
     got = rank_mixup_mask(64, lam, boundary=0.5, slope=10.0)
-    # METHODS.md section 3, step 4, written out with b = 32, w = 10, N = 64.
+    # The UNIX mask (docs/methods.md), written out with b = 32, w = 10, N = 64.
     want = [lam / (1 + math.exp(-10 * (r / 64 - (2 * 32 - 1) / (2 * 64)))) for r in range(64)]
     torch.testing.assert_close(got, torch.tensor(want), rtol=1e-6, atol=1e-7)
     assert got[0] < 0.01 * lam and got[-1] > 0.99 * lam  # uncertain samples stay clean, confident ones mix
@@ -165,26 +164,8 @@ def test_callback_rejects_bad_settings(kwargs, match):
 
 # ---- the callback in the trainer -----------------------------------------------------------------------------------
 def _args(tmp_path, **overrides):
-    base = {
-        "output_dir": str(tmp_path),
-        "per_device_train_batch_size": 12,
-        "max_steps": 3,
-        "optim": "sgd",
-        "learning_rate": 0.1,
-        "lr_scheduler_type": "constant",
-        "weight_decay": 0.0,
-        "max_grad_norm": 0.0,
-        "report_to": "none",
-        "use_cpu": True,
-        "save_strategy": "no",
-        "disable_tqdm": True,
-        "logging_steps": 1,
-        "seed": 0,
-        "temperature": 4.0,
-        "alpha": 0.5,
-        "check_teacher_accuracy": False,  # untrained teachers: the accuracy check would rightly stop them
-    }
-    return DistillationArguments(**{**base, **overrides})
+    settings = dict(per_device_train_batch_size=12, learning_rate=0.1, max_grad_norm=0.0, temperature=4.0, alpha=0.5)
+    return tiny_args(tmp_path, **{**settings, **overrides})
 
 
 def _cnn(seed, **kwargs):

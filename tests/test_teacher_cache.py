@@ -197,7 +197,12 @@ def test_wrong_dataset_classes_augmentation_or_unix_are_refused_before_training(
         trainer("unix", callbacks=[UncertaintyMixupCallback()])
     with pytest.raises(ValueError, match="teacher_model= or teacher_cache=, not both"):
         DistillationTrainer(model=student, teacher_model=teacher, teacher_cache=cache, args=fast_args(tmp_path / "x"))
-    for out in ("size", "content", "cls", "aug", "noaug", "unix", "x"):
+    from datasets import Dataset
+
+    stream = Dataset.from_dict({"pixel_values": data.images.tolist(), "labels": data.labels.tolist()})
+    with pytest.raises(ValueError, match="needs a map-style train_dataset with random access; a streamed Iterable"):
+        trainer("stream", train_dataset=stream.to_iterable_dataset())
+    for out in ("size", "content", "cls", "aug", "noaug", "unix", "x", "stream"):
         assert not (tmp_path / out).exists() or not os.listdir(tmp_path / out), out  # nothing written
 
 
