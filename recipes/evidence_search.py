@@ -1,6 +1,6 @@
 """Evidence for student search on a conv net: searched vs uniformly thinned vs a shallower hand-picked student.
 
-    python recipes/evidence_search.py            # full run: 5 paired seeds; about 15-25 CPU-minutes on 2 cores
+    python recipes/evidence_search.py            # full run: 5 paired seeds; 12 min (1,385 CPU-s) on 2 idle cores
     python recipes/evidence_search.py --quick    # smoke run of the same pipeline, well under a minute
 
 Gu & Tresp (2020, https://arxiv.org/abs/2001.11612) claim that a student found as a subgraph of the teacher by L1 gate
@@ -21,6 +21,10 @@ search beats a hand-designed student of the same FLOPs. This script checks it on
 
 It prints per-arm errors (mean ± std), each arm's paired difference against `searched` with a 95% t-interval and wins
 out of N, and writes `results.json` and `paired.png` under `--output_dir`.
+
+Measured (torch 2.14.1, transformers 5.24, 2 threads, held-out errors of 2,000 over seeds 0-4): searched 1-3-18-32
+102.2 ± 8.6; uniform 8-8-15-16 75.2 ± 6.4 (better than searched on 5 of 5 seeds); shallow 17-34 137.8 ± 5.6 (worse on
+5 of 5). The search starved the early layers; see docs/evidence.md.
 """
 
 from __future__ import annotations
