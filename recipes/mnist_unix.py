@@ -3,9 +3,10 @@
     OMP_NUM_THREADS=1 python recipes/mnist_unix.py                   # 5 seeds x 4 runs, about 3 CPU-minutes
     OMP_NUM_THREADS=1 python recipes/mnist_unix.py --seeds 0 1 2 --runs kd unix
 
-Set-up (the optimiser measurement in docs/methods.md): a teacher MLP 784-512-512-10 with dropout 0.3 trained with AdamW (seed 0, shared
-by every run); students MLP 784-64-10, 10 epochs, batch 64, SGD momentum 0.9, lr 0.05 with linear decay, T = 4,
-alpha = 0.9. For each seed every run starts from the same student initialisation and sees the same data order:
+Set-up (the optimiser measurement in docs/methods.md): a teacher MLP 784-512-512-10 with dropout 0.3 trained with
+AdamW (seed 0, shared by every run); students MLP 784-64-10, 10 epochs, batch 64, SGD momentum 0.9, lr 0.05 with
+linear decay, T = 4, alpha = 0.9. For each seed every run starts from the same student initialisation and sees the
+same data order:
 
 - `kd`: plain KD, the teacher runs on all 64 samples of a batch;
 - `unix`: `UncertaintyMixupCallback(select_ratio=0.75, uncertainty="entropy", mixup=True)`, the paper's setting;
