@@ -468,6 +468,7 @@ def run_python(code: str, *args, env: dict, timeout: float = 240) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow  # a subprocess run of the whole pipeline: CI's slow tier
 def test_push_then_pull_through_loopback_hub(tmp_path):
     model = make_student("cifar_resnet8")
     x = sample_input(model)

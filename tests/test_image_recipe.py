@@ -130,6 +130,7 @@ def load_recipe_module():
 
 
 # ---- the recipe, end to end ------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a subprocess run of the whole pipeline: CI's slow tier
 def test_kd_on_mixed_sizes_trains_evaluates_and_saves_a_loadable_student(digit_folder, teacher_folder, tmp_path):
     out = tmp_path / "run"
     args = tiny(digit_folder, out, "--student", "resnet18")

@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,6 +22,7 @@ def test_mnist10k_is_the_documented_real_data():
     assert abs(train.images.mean().item()) < 0.05 and abs(train.images.std().item() - 1) < 0.05
 
 
+@pytest.mark.slow  # the main job end to end in --quick mode (about 20 s): CI runs it in the slow tier
 def test_quickstart_quick_mode_writes_its_results_and_plot(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("quickstart", os.path.join(ROOT, "recipes", "mnist_quickstart.py"))
     quickstart = importlib.util.module_from_spec(spec)

@@ -126,6 +126,7 @@ def file_hash(path: Path) -> str:
 
 
 # ---- the recipe, end to end ------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a subprocess run of the whole pipeline: CI's slow tier
 def test_kd_trains_the_teacher_once_then_search_reuses_it_and_pushes(cifar_copies, tmp_path):
     out = tmp_path / "run"
     arch = ["--teacher", "cifar_resnet8"]
@@ -220,6 +221,7 @@ def test_kd_under_two_process_ddp(cifar_copies, teacher_folder, tmp_path):
     assert_loadable(out / "student")
 
 
+@pytest.mark.slow  # a subprocess run of the whole pipeline: CI's slow tier
 def test_offline_without_a_local_copy_names_dataset_path(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty_hf_home")}
     proc = run_recipe("--output_dir", tmp_path / "run", "--use_cpu", tmp_path=tmp_path, env=env, check=False)
@@ -434,6 +436,7 @@ def test_the_teacher_cache_is_written_whole_and_a_failed_rename_keeps_the_teache
     assert not (tmp_path / "other").exists()
 
 
+@pytest.mark.slow  # a subprocess run of the whole pipeline: CI's slow tier
 def test_an_unreachable_flops_budget_fails_before_stage_1_trains_the_teacher(cifar_copies, tmp_path):
     out = tmp_path / "run"
     args = tiny(cifar_copies["parquet"], out, "--method", "search", "--teacher", "cifar_resnet8")
