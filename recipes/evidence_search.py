@@ -70,7 +70,9 @@ class SearchEvidenceArguments:
     epochs: float = field(default=20, metadata={"help": "Distillation epochs of every student."})
     lrs: list[float] = field(default_factory=lambda: [0.05, 0.2], metadata={"help": "Learning-rate grid per arm."})
     threads: int = field(default=0, metadata={"help": "torch threads; 0: min(2, cores this process may run on)."})
-    quick: bool = field(default=False, metadata={"help": "Smoke run: 300 + 300 digits, 2 seeds, 1 epoch (teacher and search too)."})
+    quick: bool = field(
+        default=False, metadata={"help": "Smoke run: 300 + 300 digits, 2 seeds, 1 epoch (teacher and search too)."}
+    )
 
 
 def cnn(widths, pool_every: int = 2) -> torch.nn.Module:
