@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -43,6 +42,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .atomic import atomic_folder
 from .batch import forward_model, logits_of, num_classes
 from .data import collate_tensor_batch
 from .fastpath import DeviceAugment, SampleIndexDataset, draw_crop_flip
@@ -348,33 +348,16 @@ class TeacherCache:
         earlier interrupted saves are removed. A non-empty `path` that is not a teacher cache is refused.
         """
         path = os.path.abspath(os.fspath(path))
-        parent, base = os.path.split(path)
-        os.makedirs(parent, exist_ok=True)
         ours = any(os.path.isfile(os.path.join(path, f)) for f in (INFO_FILE, "state.json"))  # complete or half-written
         if os.path.isdir(path) and os.listdir(path) and not ours:
             raise TeacherCacheError(f"{path} exists and holds files that are not a teacher cache; pick another folder")
-        for stale in os.listdir(parent):
-            if stale.startswith(f".{base}.tmp-") or stale.startswith(f".{base}.old-"):
-                shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
-        tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
-        try:
-            self.dataset.save_to_disk(tmp)
-            with open(os.path.join(tmp, "README.md"), "w") as f:
-                f.write(self.card())
-            with open(os.path.join(tmp, INFO_FILE), "w") as f:  # written last: its presence marks a complete cache
+        with atomic_folder(path, what="teacher cache") as tmp:
+            self.dataset.save_to_disk(str(tmp))
+            (tmp / "README.md").write_text(self.card())
+            with open(tmp / INFO_FILE, "w") as f:  # written last: its presence marks a complete cache
                 json.dump(self.info, f, indent=2)
                 f.flush()
                 os.fsync(f.fileno())
-            if os.path.exists(path):
-                old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
-                os.rename(path, os.path.join(old, base))
-                os.rename(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod
