@@ -47,6 +47,9 @@ __all__ = ["GateSearchCallback", "search_report", "plot_widths"]
 #: The GateSearchCallback each model's Trainer was built with, so that a copy restored from a checkpoint can find it.
 _PASSED_IN: weakref.WeakKeyDictionary[nn.Module, GateSearchCallback] = weakref.WeakKeyDictionary()
 
+#: `penalty` choices: the paper's FLOPs-weighted L1, or the expected FLOPs of the student the gates describe.
+PENALTIES = ("l1", "expected_flops")
+
 REPORT_JSON = "search_report.json"
 REPORT_PNG = "search_widths.png"
 METHOD = "student search with L1 architecture gates (Gu & Tresp 2020, https://arxiv.org/abs/2001.11612)"
@@ -98,6 +101,10 @@ class GateSearchCallback(DistillationCallback, ExportableState):
         max_l1_weight: cap on `lambda`; default `1000 * l1_weight`.
         report_dir: where the report goes; default `args.output_dir`.
         write_report: write the report at the end of training.
+        penalty: `"l1"` (the paper's `sum_j c_j |g_j|`, linear in each gate) or `"expected_flops"`: `flops_ratio`
+            itself, `FLOPs(min(|g|, 1)) / FLOPs(teacher)`, which counts each FLOP once and whose pull on a channel
+            shrinks as the layers around it thin (a MorphNet-like regulariser, Gordon et al. 2018). Both equal 1 at
+            initialisation, so `l1_weight` has the same scale for either.
     """
 
     def __init__(
@@ -110,7 +117,10 @@ class GateSearchCallback(DistillationCallback, ExportableState):
         max_l1_weight: float | None = None,
         report_dir: str | None = None,
         write_report: bool = True,
+        penalty: str = "l1",
     ):
+        if penalty not in PENALTIES:
+            raise ValueError(f"penalty must be one of {', '.join(map(repr, PENALTIES))}, got {penalty!r}")
         if not (isinstance(target_flops_ratio, int | float) and 0 < target_flops_ratio <= 1):
             raise ValueError(f"target_flops_ratio must lie in (0, 1], got {target_flops_ratio!r}")
         if not (isinstance(l1_weight, int | float) and l1_weight >= 0 and math.isfinite(l1_weight)):
@@ -130,6 +140,7 @@ class GateSearchCallback(DistillationCallback, ExportableState):
         self.min_l1_weight = self.l1_weight / 1000.0
         self.report_dir = report_dir
         self.write_report = write_report
+        self.penalty = penalty
         self._lambda: torch.Tensor | float = self.l1_weight
         self._ready = False
         self.warmup_steps = 0
@@ -160,6 +171,7 @@ class GateSearchCallback(DistillationCallback, ExportableState):
                 "max_l1_weight": self.max_l1_weight,
                 "report_dir": self.report_dir,
                 "write_report": self.write_report,
+                "penalty": self.penalty,
             },
             "attributes": {"current_l1_weight": self.current_l1_weight},
         }
@@ -225,9 +237,11 @@ class GateSearchCallback(DistillationCallback, ExportableState):
         # `step` optimizer steps are done, so this is step `step + 1`.
         return 1.0 if step + 1 >= self.warmup_steps else (step + 1) / self.warmup_steps
 
-    def expected_flops_ratio(self) -> torch.Tensor:
-        """`flops_ratio` for the current gates (a 0-d tensor on the gates' device); see the class docstring."""
-        return self._plan.flops_of(soft_keep_fractions(self._gates)) / self._plan.total_flops
+    def expected_flops_ratio(self, differentiable: bool = False) -> torch.Tensor:
+        """`flops_ratio` for the current gates (a 0-d tensor on the gates' device); see the class docstring. With
+        `differentiable`, a term of the graph (the `"expected_flops"` penalty)."""
+        fractions = soft_keep_fractions(self._gates, differentiable=differentiable)
+        return self._plan.flops_of(fractions) / self._plan.total_flops
 
     # ---- the loss term -----------------------------------------------------------------------------------------------
     def on_distill_loss(self, trainer, model, inputs, student_logits, teacher_logits):
@@ -236,6 +250,8 @@ class GateSearchCallback(DistillationCallback, ExportableState):
         lam = self._lambda * self._warmup_factor(trainer.state.global_step)
         trainer.record_metric("flops_ratio", self.expected_flops_ratio())
         trainer.record_metric("gate_lambda", lam)
+        if self.penalty == "expected_flops":
+            return {"gate_l1": lam * self.expected_flops_ratio(differentiable=True)}
         return {"gate_l1": lam * flops_weighted_l1(self._gates, self._costs)}
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):

@@ -133,17 +133,29 @@ def test_evidence_search_quick_mode_writes_its_results_and_plot(tmp_path, monkey
     spec.loader.exec_module(module)
     threads = torch.get_num_threads()
     try:
-        module.main(["--quick", "--threads", "1", "--output_dir", str(tmp_path)])
+        module.main(["--quick", "--workers", "1", "--output_dir", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
     out = json.loads((tmp_path / "results.json").read_text())
-    assert out["seeds"] == [0, 1] and set(out["test_errors"]) == {"searched", "uniform", "shallow"}
-    assert all(len(v) == 2 for v in out["test_errors"].values())
-    assert all(len(t["trials"]) == 1 for t in out["tuning"].values())  # the same budget for every arm
-    searched = out["students"]["searched"]["flops"]
-    assert searched <= 0.25 * out["teacher"]["flops"] * 1.02
-    for arm in ("uniform", "shallow"):  # equal FLOPs within 2%
-        assert abs(out["students"][arm]["flops"] / searched - 1) <= 0.02
-        assert out["versus_searched"][arm]["n"] == 2
-    assert len(out["students"]["shallow"]["widths"]) == 2 and out["students"]["shallow"]["pool_every"] == 1
-    assert (tmp_path / "paired.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    arms = {"searched", "uniform", "shallow", "searched_init", "uniform_init"}
+    assert out["seeds"] == [0, 1] and set(out["budgets"]) == {"0.25", "0.1"}
+    for key, budget in out["budgets"].items():
+        ratio = float(key)
+        assert set(budget["criteria"]) == {"l1", "l1_long", "floor", "expected_flops", "slim"}
+        assert budget["chosen_criterion"] in budget["criteria"]
+        assert all(isinstance(c["val_errors"], int) for c in budget["criteria"].values())
+        assert set(budget["test_errors"]) == arms and all(len(v) == 2 for v in budget["test_errors"].values())
+        assert all(len(t["trials"]) == 1 for t in budget["tuning"].values())  # the same budget for every arm
+        students = budget["students"]
+        searched = students["searched"]["flops"]
+        assert searched <= ratio * out["teacher"]["flops"] * 1.02
+        for arm in ("uniform", "shallow", "uniform_init"):  # equal FLOPs within 2%
+            assert abs(students[arm]["flops"] / searched - 1) <= 0.02
+        assert students["searched_init"] == students["searched"]
+        assert budget["versus_searched"]["uniform_init"]["n"] == 2
+        assert len(students["shallow"]["widths"]) == 2 and students["shallow"]["pool_every"] == 1
+        # floors: every layer keeps at least half its uniformly thinned width
+        floor = budget["criteria"]["floor"]["widths"]
+        assert all(w >= max(1, round(0.5 * ratio**0.5 * t)) for w, t in zip(floor, out["teacher"]["widths"]))
+    for name in ("paired_25.png", "paired_10.png", "widths.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -71,6 +71,30 @@ def test_one_step_moves_each_gate_by_lr_lambda_cost(tmp_path, accumulation):
     assert log["loss"] == pytest.approx(log["gate_l1"] + log["loss_kd"], abs=1e-4)
 
 
+def test_expected_flops_penalty_moves_each_gate_by_its_marginal_flops(tmp_path):
+    # penalty="expected_flops": the term is lambda * FLOPs(mean min(|g|, 1)) / FLOPs(teacher), so one SGD step moves
+    # gate j of group G by lr * lambda * dFLOPs/dfrac_G / (size_G * FLOPs): the marginal cost of the channel with every
+    # other group at its current width, which is not the fixed c_j of the L1 penalty.
+    cb = GateSearchCallback(
+        target_flops_ratio=0.5, l1_weight=3.0, warmup_ratio=0.0, input_size=SIZE, penalty="expected_flops"
+    )
+    trainer = trainer_for(tmp_path, cb, alpha=1.0, max_steps=1, per_device_train_batch_size=8, max_grad_norm=0.0)
+    plan = gate_plan(trainer.model).measure(trainer.model, SIZE)
+    fractions = torch.ones(len(plan.groups), dtype=torch.float64, requires_grad=True)
+    (plan.flops_of(fractions) / plan.total_flops).backward()
+    trainer.train()
+    sizes = [g.size for g in plan.groups.values()]
+    for (name, gate), d, size in zip(gate_parameters(trainer.model).items(), fractions.grad, sizes):
+        expected = 1 - 0.1 * 3.0 * float(d) / size
+        torch.testing.assert_close(gate.detach(), torch.full_like(gate, expected), msg=name)
+    costs = gate_plan(trainer.model).unit_costs()
+    assert not torch.allclose(fractions.grad / torch.tensor(sizes), costs)  # not the L1 penalty in disguise
+    log = trainer.state.log_history[0]
+    assert log["gate_l1"] == pytest.approx(3.0)  # lambda * expected FLOPs ratio 1 at the start
+    with pytest.raises(ValueError, match="penalty must be one of"):
+        GateSearchCallback(target_flops_ratio=0.5, penalty="l2")
+
+
 def test_lambda_warms_up_then_grows_while_over_budget_and_shrinks_under_it(tmp_path):
     # Budget 5% is out of reach in 4 steps, so lambda grows after every step from the end of the warm-up.
     over = GateSearchCallback(target_flops_ratio=0.05, l1_weight=2.0, warmup_ratio=0.5, l1_growth=1.5, input_size=SIZE)

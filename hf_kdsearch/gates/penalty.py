@@ -18,7 +18,15 @@ def flops_weighted_l1(gates: Sequence[torch.Tensor], unit_costs: torch.Tensor) -
     return (norms * unit_costs.to(norms.device, norms.dtype)).sum()
 
 
-def soft_keep_fractions(gates: Sequence[torch.Tensor]) -> torch.Tensor:
+def soft_keep_fractions(gates: Sequence[torch.Tensor], *, differentiable: bool = False) -> torch.Tensor:
     """Per group, the expected fraction of units kept: the mean of `min(|g|, 1)`, a unit counting in proportion to its
-    gate (1 at initialisation, 0 for a zero gate). For 0/1 gates it is the exact kept fraction."""
-    return torch.stack([g.detach().float().abs().clamp(max=1).mean() for g in gates])
+    gate (1 at initialisation, 0 for a zero gate). For 0/1 gates it is the exact kept fraction.
+
+    Detached from the graph unless `differentiable` (then a penalty built on it trains the gates). A gate at exactly 1,
+    where every gate starts, gets the gradient of `|g|` (`clamp` would give it none, and the gates would never move).
+    """
+    fractions = []
+    for g in gates:
+        a = (g if differentiable else g.detach()).float().abs()
+        fractions.append(torch.where(a <= 1, a, torch.ones_like(a)).mean())
+    return torch.stack(fractions)
