@@ -25,7 +25,7 @@ data, the teacher and the schedule are exactly the quickstart's), under the prot
    x alpha in {0.5, 0.9, 1.0}, T = 4 (`--lrs`, `--alphas`, `--temperature`). The grid holds the quickstart's
    distilled grid (lr {0.2, 0.4} x alpha {0.5, 0.9}), widened after probes on validation: to alpha = 1 (no CE term:
    the paper's setting, and unix75's best there) and to lr 0.1 (the UNIX arms' validation errors swung widely with
-   lr, unix50's from 174 to 363 across the settings tried). The same grid for every arm leaves the method as the
+   lr, unix50's from 152 to 363 across the settings tried). The same grid for every arm leaves the method as the
    only difference;
 5. final runs: 5 paired seeds (0-4) per arm at its chosen setting, scored once on the held-out digits. Seed s gives
    every arm the same initial student, batch order and shifted views: UNIX selects and mixes inside the trainer's
