@@ -46,6 +46,7 @@ __all__ = [
     "student_widths",
     "ensemble_loss_terms",
     "ensemble_accuracy",
+    "adam_l2",
 ]
 
 logger = logging.getLogger(__name__)
@@ -361,6 +362,29 @@ def ensemble_accuracy(eval_pred: EvalPrediction) -> dict[str, float]:
     return metrics
 
 
+def adam_l2(args: TrainingArguments) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """The optimizer of the authors' released code, for the Trainer's `optimizer_cls_and_kwargs`: `torch.optim.Adam`.
+
+    Its weight decay is an L2 term added to the gradient before Adam's scaling (coupled), as in
+    `torch.optim.Adam(params, lr=1e-3, weight_decay=1e-5)`; the Trainer's `adamw_torch` decays the weights directly
+    (decoupled), which with Adam is another regulariser. The Trainer still builds the parameter groups:
+    `args.weight_decay` on the weights, none on biases and norm layers; `OnlineEnsembleTrainer` then moves the adapters
+    to their own groups. The learning rate, betas and epsilon come from `args` (`learning_rate`, `adam_beta1`,
+    `adam_beta2`, `adam_epsilon`); `args.optim` is not used.
+
+    Example:
+    ```python
+    args = OnlineEnsembleArguments(output_dir="out", learning_rate=1e-3, weight_decay=1e-5)
+    trainer = OnlineEnsembleTrainer(model=ens, args=args, train_dataset=train, optimizer_cls_and_kwargs=adam_l2(args))
+    ```
+    """
+    return torch.optim.Adam, {
+        "lr": args.learning_rate,
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "eps": args.adam_epsilon,
+    }
+
+
 # ---- configuration -------------------------------------------------------------------------------------------------
 # The single-teacher KD settings of DistillationArguments: the ensemble has no teacher and its own T and weights.
 _KD_ONLY = ("temperature", "alpha", "teacher_dtype", "teacher_compile")
@@ -472,8 +496,10 @@ class OnlineEnsembleTrainer(LossMetricsMixin, Trainer):
     Example:
     ```python
     ens = build_ensemble("cifar_resnet110", num_students=5, num_classes=100)
-    args = OnlineEnsembleArguments(output_dir="out", optim="adamw_torch", learning_rate=1e-3, weight_decay=1e-5)
-    trainer = OnlineEnsembleTrainer(model=ens, args=args, train_dataset=train, eval_dataset=test)
+    args = OnlineEnsembleArguments(output_dir="out", learning_rate=1e-3, weight_decay=1e-5)
+    trainer = OnlineEnsembleTrainer(
+        model=ens, args=args, train_dataset=train, eval_dataset=test, optimizer_cls_and_kwargs=adam_l2(args)
+    )  # the authors' Adam with L2 weight decay
     trainer.train()
     trainer.evaluate()                 # eval_acc_student0..4, eval_acc_ensemble
     ens.export_student(4)              # the smallest student, standalone

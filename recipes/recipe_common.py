@@ -43,6 +43,7 @@ from hf_kdsearch import (
     save_student,
 )
 from hf_kdsearch.data import DatasetLoadError, NodeSplitLoaderMixin, data_config_for
+from hf_kdsearch.ensemble import adam_l2
 from hf_kdsearch.fastpath import resize_images
 from hf_kdsearch.hub import HubUnavailableError
 from hf_kdsearch.metrics import TopKAccuracy
@@ -103,6 +104,11 @@ def with_step_decay(trainer_cls: type, milestones: list[float], factor: float) -
     return StepDecay
 
 
+def optimizer_cls_and_kwargs(recipe, args: DistillationArguments) -> tuple | None:
+    """The Trainer's `optimizer_cls_and_kwargs` for a stage: the coupled Adam with `--adam_l2`, else `--optim`'s."""
+    return adam_l2(args) if recipe.adam_l2 else None
+
+
 def stage_args(args: DistillationArguments, name: str, **changes) -> DistillationArguments:
     return dataclasses.replace(args, output_dir=os.path.join(args.output_dir, name), **changes)
 
@@ -116,6 +122,7 @@ def run_stage(trainer_cls, recipe, args, data: RecipeData, *, step_decay: bool =
     kwargs.setdefault("compute_metrics", TopKAccuracy())
     trainer = trainer_cls(
         args=args,
+        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(recipe, args),
         train_dataset=data.train,
         eval_dataset=data.eval,
         data_collator=data.collator,

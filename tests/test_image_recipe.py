@@ -186,6 +186,21 @@ def test_ensemble_takes_the_fast_path_on_small_images_of_one_size(tmp_path):
     assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in wide.parameters())
 
 
+def test_ensemble_defaults_are_its_authors_schedule(tmp_path):
+    """torch.optim.Adam with L2 weight decay 1e-5, lr 1e-3, batch 128, x0.1 at 57 % and 86 %; explicit flags win."""
+    recipe = load_recipe_module()
+    base = ["--method", "ensemble", "--dataset_path", "x", "--use_cpu", "--output_dir", str(tmp_path)]
+    r, args, _ = recipe.parse_args(base)
+    assert r.adam_l2 and r.step_decay and [round(m * 350) for m in r.lr_decay_at] == [200, 300]
+    assert (args.learning_rate, args.weight_decay, args.per_device_train_batch_size) == (1e-3, 1e-5, 128)
+    optimizer_cls, kwargs = recipe.common.optimizer_cls_and_kwargs(r, args)
+    assert optimizer_cls is torch.optim.Adam and kwargs["lr"] == 1e-3
+    r, args, _ = recipe.parse_args([*base, "--optim", "sgd", "--lr_scheduler_type", "cosine"])
+    assert not r.adam_l2 and not r.step_decay and recipe.common.optimizer_cls_and_kwargs(r, args) is None
+    r, _, _ = recipe.parse_args(["--method", "kd", "--teacher", "t", *base[2:]])
+    assert not r.adam_l2 and not r.step_decay  # the other methods keep --optim (SGD) and the cosine schedule
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_streaming_under_two_process_ddp_gives_ranks_disjoint_samples(digit_folder, teacher_folder, tmp_path):

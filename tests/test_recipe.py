@@ -329,16 +329,24 @@ def test_method_defaults_follow_the_papers(tmp_path):
     assert (args.weight_decay, args.optim_args, args.alpha, args.temperature) == (5e-4, "momentum=0.9", 0.9, 4.0)
     assert [round(m * 240) for m in r.lr_decay_at] == [150, 180, 210] and r.step_decay
     assert args.device_augment and args.channels_last and not args.push_to_hub and not hub["push"]
+    assert not r.adam_l2 and recipe.optimizer_cls_and_kwargs(r, args) is None  # SGD from --optim
 
     r, args, _ = recipe.parse_args(["--method", "unix", "--output_dir", str(tmp_path), "--use_cpu"])
     assert (args.alpha, args.temperature, r.select_ratio) == (1.0, 4.0, 0.75)
 
-    # The ensemble follows its authors' released CIFAR-100 configs: Adam, x0.1 at epochs 200 and 300 of 350.
+    # The ensemble follows its authors' released CIFAR-100 configs: torch.optim.Adam (L2 weight decay, not AdamW's
+    # decoupled one), x0.1 at epochs 200 and 300 of 350.
     r, args, _ = recipe.parse_args(["--method", "ensemble", "--output_dir", str(tmp_path), "--use_cpu"])
     assert (args.num_train_epochs, args.learning_rate, args.weight_decay) == (350, 1e-3, 1e-5)
     assert r.student == "cifar_resnet110"
-    assert args.optim == "adamw_torch" and args.optim_args is None and args.per_device_train_batch_size == 128
+    assert r.adam_l2 and args.optim_args is None and args.per_device_train_batch_size == 128
+    optimizer_cls, kwargs = recipe.optimizer_cls_and_kwargs(r, args)
+    assert optimizer_cls is torch.optim.Adam and kwargs["lr"] == 1e-3
     assert [round(m * 350) for m in r.lr_decay_at] == [200, 300]
+    r, args, _ = recipe.parse_args(["--method", "ensemble", "--output_dir", str(tmp_path), "--optim", "sgd"])
+    assert not r.adam_l2 and recipe.optimizer_cls_and_kwargs(r, args) is None  # an explicit --optim wins
+    r, args, _ = recipe.parse_args(["--method", "ensemble", "--output_dir", str(tmp_path), "--adam_l2", "false"])
+    assert recipe.optimizer_cls_and_kwargs(r, args) is None and args.optim == "adamw_torch"
     assert args.save_strategy == "epoch" and args.channels_last  # checkpoints of channels_last students by default
 
     r, args, hub = recipe.parse_args(
