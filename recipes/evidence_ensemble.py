@@ -1,6 +1,6 @@
 """Online ensemble compression, measured: is each student better trained inside the ensemble than trained alone?
 
-    python recipes/evidence_ensemble.py            # the full run: about 11 minutes on 2 idle CPU cores (estimated)
+    python recipes/evidence_ensemble.py            # the full run: 13 minutes on 2 idle CPU cores
     python recipes/evidence_ensemble.py --quick    # a smoke run of the same pipeline, in about 20 seconds
 
 The claim (Walawalkar, Shen & Savvides, ECCV 2020, https://arxiv.org/abs/2011.07449): students of several widths
@@ -43,7 +43,9 @@ ensemble (mean ± std), the paired difference with a 95 % t-interval, the sign t
 ensemble's own errors (the mean of its students' logits); it writes `results.json`, `paired.png` (one panel per
 student, a line per seed) and `curves.png` (validation errors per epoch of the tuning runs) under `--output_dir`.
 
-Measured: (filled in after the full run)
+Measured (torch 2.14.1, transformers 5.25.0, idle 2-core machine, 13 min), held-out errors of 2,000, alone against
+in the ensemble, seeds 0-4: S0 40.6 ± 5.9 / 36.2 ± 4.1, S1 47.8 ± 4.9 / 42.8 ± 4.8, S2 55.6 ± 4.0 / 52.0 ± 4.3 (every
+interval includes zero), S3 73.4 ± 9.2 / 86.6 ± 4.7 (worse on 5 of 5); docs/ensemble.md has the table and plots.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Evidence for student search on a conv net: searched vs uniformly thinned vs shallower, at 25% and 10% of the FLOPs.
 
-    python recipes/evidence_search.py            # full run; 5 paired seeds, 2 budgets, 2 initialisations
+    python recipes/evidence_search.py            # full run: 29 min on 2 shared cores; ~15 alone (est.)
     python recipes/evidence_search.py --quick    # smoke run of the same pipeline, about a minute
 
 Gu & Tresp (2020, https://arxiv.org/abs/2001.11612) claim that a student found as a subgraph of the teacher by L1 gate
@@ -37,7 +37,9 @@ It prints per-arm errors, each arm's paired difference against `searched` (same 
 t-interval, the sign test and wins out of N, and writes `results.json`, `paired_<budget>.png` (per-seed lines across
 the arms) and `widths.png` (teacher and student widths per layer) under `--output_dir`.
 
-Measured: see docs/evidence.md (the full run's table, command, machine and wall-clock).
+Measured (torch 2.14.1, transformers 5.25.0), held-out errors of 2,000 over seeds 0-4, searched against uniform:
+25%: 91.4 ± 5.0 vs 77.2 ± 5.8 from scratch, 95.8 vs 81.6 from the teacher's weights; 10%: 153.8 vs 104.2 and 214.8
+vs 127.6. Uniform thinning won on every seed; docs/evidence.md has the tables, the criteria and the plots.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Evidence for UNIX: does distillation with the teacher run on fewer samples reach plain KD's accuracy, and sooner?
 
-    python recipes/evidence_unix.py            # full run: 5 paired seeds, 3 arms
+    python recipes/evidence_unix.py            # full run: 5 paired seeds, 3 arms; 5 min on 2 idle cores
     python recipes/evidence_unix.py --quick    # smoke run of the same pipeline, well under a minute
 
 Xu, Liu & Loy (2023, https://arxiv.org/abs/2012.09413) claim that UNIX (uncertainty-based sample selection plus
@@ -46,7 +46,9 @@ and their ratio to kd, time to reach kd's final validation errors), the paired d
 kd with a 95% t-interval, sign test and wins, a verdict per arm, and writes `results.json`, `paired.png` (held-out
 errors per seed) and `time_to_accuracy.png` (validation errors against training seconds) under `--output_dir`.
 
-Measured: (filled in after the full run)
+Measured (torch 2.14.1, transformers 5.25.0, idle 2-core machine, 303 s), held-out errors of 2,000 over seeds 0-4:
+kd 148.8 ± 11.1; unix75 319.6 ± 76.0 (teacher on 75% of the samples, 0.97 of kd's seconds per epoch); unix50
+365.8 ± 109.6 (50%, 0.76). UNIX lost on every seed; docs/unix.md has the table, the plots and what the probes say.
 """
 
 from __future__ import annotations
