@@ -17,6 +17,7 @@ data, the teacher and the schedule are exactly the quickstart's), under the prot
    - `kd`: plain KD, the teacher runs on every sample (built exactly as the quickstart's `distilled` student);
    - `unix75`: `UncertaintyMixupCallback(select_ratio=0.75, uncertainty="entropy", mixup=True)`, the paper's setting;
    - `unix50`: the same at `select_ratio=0.5`.
+   Ablation arms, run with `--arms kd select75 select50`: the same selection without mixup (`mixup=False`).
    Both UNIX arms use the callback's default scoring, `scoring="pass"` (the paper's: a no-grad pass of the student on
    the whole batch, in eval mode), so the cost estimate counts that pass. UNIX mixes the labels the way it mixes the
    images, so with alpha < 1 its cross-entropy term is `(1 - m) CE(y) + m CE(y_partner)`; alpha weighs KD against
@@ -48,7 +49,8 @@ errors per seed) and `time_to_accuracy.png` (validation errors against training 
 
 Measured (torch 2.14.1, transformers 5.25.0, idle 2-core machine, 303 s), held-out errors of 2,000 over seeds 0-4:
 kd 148.8 ± 11.1; unix75 319.6 ± 76.0 (teacher on 75% of the samples, 0.97 of kd's seconds per epoch); unix50
-365.8 ± 109.6 (50%, 0.76). UNIX lost on every seed; docs/unix.md has the table, the plots and what the probes say.
+365.8 ± 109.6 (50%, 0.76). UNIX lost on every seed. `--arms kd select75 select50` (no mixup): 217.2 ± 54.9 and
+386.4 ± 42.4, also worse on every seed. docs/unix.md has the tables and the plots.
 """
 
 from __future__ import annotations
@@ -72,7 +74,11 @@ ARMS = {
     "kd": None,
     "unix75": {"select_ratio": 0.75, "uncertainty": "entropy", "mixup": True},
     "unix50": {"select_ratio": 0.5, "uncertainty": "entropy", "mixup": True},
+    # Ablations (`--arms kd unix50 select50 ...`): the same selection without mixup.
+    "select75": {"select_ratio": 0.75, "uncertainty": "entropy", "mixup": False},
+    "select50": {"select_ratio": 0.5, "uncertainty": "entropy", "mixup": False},
 }
+DEFAULT_ARMS = ["kd", "unix75", "unix50"]
 
 
 @dataclass
@@ -86,6 +92,15 @@ class UnixEvidenceArguments(QuickstartArguments):
     lrs: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4], metadata={"help": "Learning rates to tune."})
     alphas: list[float] = field(default_factory=lambda: [0.5, 0.9, 1.0], metadata={"help": "KD weights to tune."})
     temperature: float = field(default=4.0, metadata={"help": "T of every run."})
+    arms: list[str] = field(
+        default_factory=lambda: list(DEFAULT_ARMS),
+        metadata={"help": f"Arms to run, kd first; any of {', '.join(ARMS)} (select*: selection without mixup)."},
+    )
+
+    def __post_init__(self):
+        unknown = [a for a in self.arms if a not in ARMS]
+        if unknown or not self.arms or self.arms[0] != "kd" or len(set(self.arms)) != len(self.arms):
+            raise ValueError(f"--arms must start with kd and name distinct arms of {list(ARMS)}; got {self.arms}")
 
 
 class EpochClock(TrainerCallback):
@@ -120,7 +135,7 @@ class EpochClock(TrainerCallback):
 def tuning_grids(q: UnixEvidenceArguments) -> dict[str, list[dict]]:
     """One grid, lr x alpha at the fixed T, for every arm: the same tuning budget, the method the only difference."""
     grid = [{"learning_rate": lr, "temperature": q.temperature, "alpha": a} for lr in q.lrs for a in q.alphas]
-    return {arm: grid[:2] if q.quick else grid for arm in ARMS}
+    return {arm: grid[:2] if q.quick else grid for arm in q.arms}
 
 
 def time_to_reach(seconds: list[float], errors: list[int], target: float) -> float | None:
@@ -249,9 +264,9 @@ def main(argv: list[str] | None = None) -> dict:
         )
         tune = {
             arm: [pool.submit(unix_run, q, arm, q.tune_seed, s, "val", teacher, flops_ratio) for s in grids[arm]]
-            for arm in ARMS
+            for arm in q.arms
         }
-        tune_rows: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+        tune_rows: dict[str, list[dict]] = {arm: [] for arm in q.arms}
 
         def tuned_errors(arm: str, setting: dict) -> int:
             row = done(f"tune {arm:<6} {setting}", tune[arm][grids[arm].index(setting)].result())
@@ -264,11 +279,11 @@ def main(argv: list[str] | None = None) -> dict:
         finals = {
             (seed, arm): pool.submit(unix_run, q, arm, seed, tuned[arm]["best"], "test", teacher, flops_ratio)
             for seed in q.seeds
-            for arm in ARMS
+            for arm in q.arms
         }
-        runs = {arm: [done(f"seed {seed} {arm}", finals[seed, arm].result()) for seed in q.seeds] for arm in ARMS}
+        runs = {arm: [done(f"seed {seed} {arm}", finals[seed, arm].result()) for seed in q.seeds] for arm in q.arms}
     for i, seed in enumerate(q.seeds):
-        digests = {arm: runs[arm][i]["digest"] for arm in ARMS}
+        digests = {arm: runs[arm][i]["digest"] for arm in q.arms}
         if len(set(digests.values())) != 1:
             raise RuntimeError(f"seed {seed}: the arms saw different batches ({digests}); the comparison is not paired")
     test_errors = {arm: [r["errors"] for r in rs] for arm, rs in runs.items()}
@@ -294,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
             "final_val_errors_mean": float(np.mean([r["curve"]["val_errors"][-1] for r in rows])),
             "seconds_to_kd_final_val": reach,
         }
-    paired = {arm: paired_summary(test_errors["kd"], test_errors[arm]) for arm in ARMS if arm != "kd"}
+    paired = {arm: paired_summary(test_errors["kd"], test_errors[arm]) for arm in q.arms if arm != "kd"}
     verdicts = {}
     for arm, stats in paired.items():
         lo, hi = stats["ci"]
@@ -317,14 +332,14 @@ def main(argv: list[str] | None = None) -> dict:
         f"on {len(train)}, the teacher on {len(teacher_data)}: {teacher['test']} errors; seeds {q.seeds})"
     )
     head = ("arm", "chosen on validation", "errors per seed", "mean ± std", "teacher", "cost", "s/epoch", "vs kd")
-    print("{:<7} {:<24} {:<26} {:>12} {:>8} {:>6} {:>8} {:>6}  time to kd's final val errors".format(*head))
-    for arm in ARMS:
+    print("{:<8} {:<24} {:<26} {:>12} {:>8} {:>6} {:>8} {:>6}  time to kd's final val errors".format(*head))
+    for arm in q.arms:
         a = per_arm[arm]
         reach = [s for s in a["seconds_to_kd_final_val"] if s is not None]
         mean_pm = f"{a['mean']:.1f} ± {a['std']:.1f}"
         when = f"{len(reach)}/{len(q.seeds)} seeds" + (f", median {np.median(reach):.1f} s" if reach else "")
         print(
-            f"{arm:<7} {fmt(tuned[arm]['best']):<24} {str(test_errors[arm]):<26} "
+            f"{arm:<8} {fmt(tuned[arm]['best']):<24} {str(test_errors[arm]):<26} "
             f"{mean_pm:>12} {a['teacher_fraction']:>8.1%} {a['cost_ratio']:>6.1%} "
             f"{a['s_per_epoch']:>8.2f} {a['s_per_epoch_vs_kd']:>6.2f}  {when}"
         )
@@ -359,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "student": {"widths": q.student_widths, "params": runs["kd"][0]["params"]},
         "flops": {**flops, "ratio": flops_ratio},
-        "arms": {arm: {"callback": ARMS[arm], "scoring": None if ARMS[arm] is None else "pass"} for arm in ARMS},
+        "arms": {arm: {"callback": ARMS[arm], "scoring": None if ARMS[arm] is None else "pass"} for arm in q.arms},
         "grids": grids,
         "tuning": tuned,
         "tuning_runs": tune_rows,

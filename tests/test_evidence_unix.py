@@ -21,6 +21,16 @@ def recipe(monkeypatch):
     return module
 
 
+def test_ablation_arms_select_without_mixup_and_bad_arms_are_refused(recipe):
+    q = recipe.UnixEvidenceArguments(arms=["kd", "select50", "unix50"])
+    assert set(recipe.tuning_grids(q)) == {"kd", "select50", "unix50"}
+    assert recipe.ARMS["select50"] == {**recipe.ARMS["unix50"], "mixup": False}
+    assert recipe.ARMS["select75"] == {**recipe.ARMS["unix75"], "mixup": False}
+    for bad in (["unix50", "kd"], ["kd", "unix50", "unix50"], ["kd", "mixup"], []):
+        with pytest.raises(ValueError, match="--arms must start with kd"):
+            recipe.UnixEvidenceArguments(arms=bad)
+
+
 def test_time_to_reach_and_equal_grids(recipe):
     seconds, errors = [1.0, 2.0, 3.0, 4.0], [300, 120, 90, 95]
     assert recipe.time_to_reach(seconds, errors, 100) == 3.0
@@ -29,7 +39,7 @@ def test_time_to_reach_and_equal_grids(recipe):
     # One grid, hence the same tuning budget, for every arm; it holds the quickstart's distilled grid.
     q = recipe.UnixEvidenceArguments()
     grids = recipe.tuning_grids(q)
-    assert set(grids) == set(recipe.ARMS) == {"kd", "unix75", "unix50"}
+    assert set(grids) == set(q.arms) == {"kd", "unix75", "unix50"}
     assert all(g == grids["kd"] for g in grids.values()) and len(grids["kd"]) == 9
     quickstart = sys.modules["mnist_quickstart"]
     assert all(s in grids["kd"] for s in quickstart.GRIDS["distilled"])
