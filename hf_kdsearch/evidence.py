@@ -39,6 +39,8 @@ __all__ = [
     "tune_arms",
     "write_results",
     "plot_paired",
+    "pyplot",
+    "save_figure",
 ]
 
 
@@ -209,11 +211,7 @@ def plot_paired(
     ylabel: str = "held-out errors",
 ) -> None:
     """A PNG with one x position per arm and one line per seed joining that seed's results across arms."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(arms)
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names), 3.6))
     for i, seed in enumerate(seeds):
@@ -228,7 +226,22 @@ def plot_paired(
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(loc="best", fontsize=8)
+    save_figure(fig, path)
+
+
+def pyplot():
+    """`matplotlib.pyplot` on the Agg backend, which draws to files and needs no display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str) -> None:
+    """Lay out `fig`, write it to `path` (a PNG; its folder is created) and close it."""
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    pyplot().close(fig)

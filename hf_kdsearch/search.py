@@ -64,7 +64,8 @@ class GateSearchCallback(DistillationCallback, ExportableState):
     loss inside autograd and stays correct under mixed precision, gradient accumulation, clipping and DDP.
 
     Logged every logging step (averaged over micro-batches and ranks) beside `loss_kd`:
-    - `gate_l1`: the penalty term, `lambda * sum_j c_j |g_j|`;
+    - `gate_l1`: the penalty term, `lambda * sum_j c_j |g_j|` (with `penalty="expected_flops"`,
+      `lambda * flops_ratio`);
     - `flops_ratio`: the expected FLOPs of the student the current gates describe, relative to the teacher. Every
       unit counts with weight `min(|g|, 1)`: a layer's FLOPs scale with the expected fraction of its input and output
       channels kept and with its branch's `min(|g_depth|, 1)`. It is 1 at the start, and for 0/1 gates it is the
@@ -248,11 +249,11 @@ class GateSearchCallback(DistillationCallback, ExportableState):
         if not self._ready:
             raise RuntimeError("GateSearchCallback.on_train_begin has not run; pass the callback to the Trainer")
         lam = self._lambda * self._warmup_factor(trainer.state.global_step)
-        trainer.record_metric("flops_ratio", self.expected_flops_ratio())
+        on_flops = self.penalty == "expected_flops"
+        ratio = self.expected_flops_ratio(differentiable=on_flops)
+        trainer.record_metric("flops_ratio", ratio)
         trainer.record_metric("gate_lambda", lam)
-        if self.penalty == "expected_flops":
-            return {"gate_l1": lam * self.expected_flops_ratio(differentiable=True)}
-        return {"gate_l1": lam * flops_weighted_l1(self._gates, self._costs)}
+        return {"gate_l1": lam * (ratio if on_flops else flops_weighted_l1(self._gates, self._costs))}
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if not kwargs["model"].training:

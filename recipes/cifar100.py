@@ -61,6 +61,18 @@ import torch
 from transformers import HfArgumentParser, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# The helpers this recipe shares, unchanged, with image_classification.py.
+from recipe_common import (  # noqa: E402
+    ENSEMBLE_DEFAULTS,
+    is_architecture,
+    optimizer_cls_and_kwargs,
+    percent,
+    stage_args,
+    with_step_decay,
+)
+
 from hf_kdsearch import (
     ClassificationTrainer,
     DistillationArguments,
@@ -80,7 +92,6 @@ from hf_kdsearch import (
 )
 from hf_kdsearch.checks import check_finite_weights
 from hf_kdsearch.data import DatasetLoadError, load_image_dataset, to_uint8_tensors
-from hf_kdsearch.ensemble import adam_l2
 from hf_kdsearch.fastpath import DeviceImageDataset
 from hf_kdsearch.gates import check_budget, gate_plan
 from hf_kdsearch.hub import HubUnavailableError
@@ -195,18 +206,7 @@ METHOD_DEFAULTS = {
     "kd": dict(alpha=0.9, temperature=4.0),
     "unix": dict(alpha=1.0, temperature=4.0),
     "search": dict(alpha=0.9, temperature=4.0),
-    # BOC-KD's released CIFAR-100 configs: torch.optim.Adam (L2 weight decay), lr 1e-3, weight decay 1e-5, batch 128,
-    # x0.1 at epochs 200 and 300. adamw_torch is what --adam_l2 false falls back to.
-    "ensemble": dict(
-        adam_l2=True,
-        optim="adamw_torch",
-        optim_args=None,
-        learning_rate=1e-3,
-        weight_decay=1e-5,
-        per_device_train_batch_size=128,
-        num_train_epochs=350,
-        lr_decay_at=[200 / 350, 300 / 350],  # 0.57 and 0.86
-    ),
+    "ensemble": dict(ENSEMBLE_DEFAULTS, num_train_epochs=350),  # the authors' 350 epochs
 }
 
 
@@ -282,31 +282,6 @@ def load_data(recipe: RecipeArguments, args: DistillationArguments):
 
 
 # ---- training -------------------------------------------------------------------------------------------------------
-def with_step_decay(trainer_cls: type, milestones: list[float], factor: float) -> type:
-    """`trainer_cls` whose learning rate is multiplied by `factor` at each fraction of the run in `milestones`."""
-
-    class StepDecay(trainer_cls):
-        def create_scheduler(self, num_training_steps: int, optimizer=None):
-            if self.lr_scheduler is None:
-                steps = sorted(round(m * num_training_steps) for m in milestones)
-                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                    optimizer or self.optimizer, lambda step: factor ** sum(step >= s for s in steps)
-                )
-            return self.lr_scheduler
-
-    StepDecay.__name__ = StepDecay.__qualname__ = f"StepDecay{trainer_cls.__name__}"
-    return StepDecay
-
-
-def optimizer_cls_and_kwargs(recipe, args: DistillationArguments) -> tuple | None:
-    """The Trainer's `optimizer_cls_and_kwargs` for a stage: the coupled Adam with `--adam_l2`, else `--optim`'s."""
-    return adam_l2(args) if recipe.adam_l2 else None
-
-
-def stage_args(args: DistillationArguments, name: str, **changes) -> DistillationArguments:
-    return dataclasses.replace(args, output_dir=os.path.join(args.output_dir, name), **changes)
-
-
 def run_stage(trainer_cls, recipe, args, data, *, step_decay: bool = True, **kwargs):
     """Train one stage and return `(trainer, final eval metrics)`."""
     train, test, _, _ = data
@@ -364,15 +339,6 @@ def full_model(trainer) -> torch.nn.Module | None:
     model = timm.create_model(arch, num_classes=sharded.num_classes, **getattr(sharded, "model_args", {}))
     model.load_state_dict(state)
     return model
-
-
-def percent(metrics: dict, prefix: str = "eval_") -> dict:
-    """`eval_top1: 0.7123` -> `top1: 71.23`."""
-    return {k[len(prefix) :]: round(100 * v, 2) for k, v in metrics.items() if k.startswith(prefix) and "_top" in k}
-
-
-def is_architecture(name: str) -> bool:
-    return not os.path.exists(name) and "/" not in name and ":" not in name and timm.is_model(name)
 
 
 def get_teacher(recipe, args, data) -> tuple[torch.nn.Module, dict]:

@@ -72,7 +72,7 @@ from hf_kdsearch import (
     build_ensemble,
 )
 from hf_kdsearch.ensemble import adam_l2
-from hf_kdsearch.evidence import paired_summary, protocol_split, tune_arms, write_results
+from hf_kdsearch.evidence import paired_summary, protocol_split, pyplot, save_figure, tune_arms, write_results
 
 
 @dataclass
@@ -281,10 +281,7 @@ def print_convergence(q: EnsembleEvidenceArguments, tuned: dict, tune_runs: dict
 # ---- the figures ---------------------------------------------------------------------------------------------------
 def plot_students(path: str, seeds: list[int], alone: list[list[int]], ensemble: list[list[int]], titles: list[str]):
     """One panel per student: a line per seed from its errors alone to its errors in the ensemble; means in red."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(titles), figsize=(2.6 * len(titles), 3.4), squeeze=False)
     for ax, a, e, title in zip(axes[0], alone, ensemble, titles):
@@ -298,9 +295,7 @@ def plot_students(path: str, seeds: list[int], alone: list[list[int]], ensemble:
         ax.set_xlim(-0.5, 1.5)
         ax.set_title(title, fontsize=8)
     axes[0][0].set_ylabel("held-out errors")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_curves(
@@ -308,10 +303,7 @@ def plot_curves(
 ) -> None:
     """Validation errors per epoch of the tuning runs: one panel per student, in the ensemble (solid) and alone
     (dashed), one colour per learning rate; grey lines at the learning-rate decays."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import matplotlib.ticker
 
     fig, axes = plt.subplots(1, num_students, figsize=(2.8 * num_students, 3.2), squeeze=False)
@@ -332,9 +324,7 @@ def plot_curves(
         ax.set_xlabel("epoch")
     axes[0][0].set_ylabel("validation errors")
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -54,11 +54,18 @@ from dataclasses import asdict, dataclass, field
 import timm
 import torch
 from mnist_common import ShiftCollate, held_out_errors
-from mnist_quickstart import _one_thread, executor, quiet, run_args
+from mnist_quickstart import QuickstartArguments, _one_thread, executor, quiet, run_args, splits, teacher_run
 from transformers import HfArgumentParser, set_seed
 
-from hf_kdsearch import DistillationTrainer, GateSearchCallback, TensorImageDataset, add_gates, count_flops
-from hf_kdsearch.evidence import paired_summary, plot_paired, protocol_split, tune_arms, write_results
+from hf_kdsearch import DistillationTrainer, GateSearchCallback, add_gates, count_flops
+from hf_kdsearch.evidence import (
+    paired_summary,
+    plot_paired,
+    pyplot,
+    save_figure,
+    tune_arms,
+    write_results,
+)
 from hf_kdsearch.gates import GateSelection, build_student, gate_parameters, gate_plan, select_units
 
 INPUT = (1, 28, 28)
@@ -76,25 +83,22 @@ ARMS = SCRATCH_ARMS + INIT_ARMS
 
 
 @dataclass
-class SearchEvidenceArguments:
+class SearchEvidenceArguments(QuickstartArguments):
+    """The quickstart's arguments (teacher, data, batch, shifts, seeds, workers) with this run's own defaults and
+    settings; `--student_widths` is unused (the search finds the widths)."""
+
     output_dir: str = field(default="out/evidence_search", metadata={"help": "Where results.json and the plots go."})
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "Paired student seeds."})
-    tune_seed: int = field(default=100, metadata={"help": "Seed of the searches and of the tuning runs."})
     n_train: int = field(default=2000, metadata={"help": "Student training digits."})
-    n_val: int = field(default=1000, metadata={"help": "Validation digits."})
-    teacher_widths: list[int] = field(default_factory=lambda: [16, 16, 32, 32], metadata={"help": "Teacher convs."})
-    teacher_epochs: float = field(default=8, metadata={"help": "Teacher epochs over its 7,000 digits."})
+    epochs: float = field(default=20, metadata={"help": "Distillation epochs of every student."})
     budgets: list[float] = field(
         default_factory=lambda: [0.25, 0.10], metadata={"help": "FLOPs budgets, fractions of the teacher's."}
     )
     search_epochs: float = field(default=3, metadata={"help": "Gate search epochs (l1_long: 5x)."})
-    epochs: float = field(default=20, metadata={"help": "Distillation epochs of every student."})
     lrs: list[float] = field(default_factory=lambda: [0.05, 0.2], metadata={"help": "lr grid, from scratch."})
     init_lrs: list[float] = field(
         default_factory=lambda: [0.01, 0.05], metadata={"help": "lr grid, from the teacher's weights."}
     )
     criterion_lr: float = field(default=0.2, metadata={"help": "lr of the validation run that picks the criterion."})
-    workers: int = field(default=0, metadata={"help": "Runs at once, 1 thread each; 0: min(2, cores)."})
     quick: bool = field(
         default=False, metadata={"help": "Smoke run: 300 + 300 digits, 2 seeds, 1 epoch (teacher and search too)."}
     )
@@ -124,29 +128,10 @@ def match_flops(widths: list[int], pool_every: int, target: int, tol: float = 0.
 
 
 # ---- the runs: functions of their arguments alone, so they give the same numbers in any process -------------------
-def data(q: SearchEvidenceArguments):
-    train, val, test, rest = protocol_split(q.n_train, q.n_val, with_rest=True)
-    teacher_data = TensorImageDataset(torch.cat([train.images, rest.images]), torch.cat([train.labels, rest.labels]))
-    return train, val, test, teacher_data
-
-
 def load_teacher(q: SearchEvidenceArguments, state: dict) -> torch.nn.Module:
     teacher = cnn(q.teacher_widths)
     teacher.load_state_dict(state)
     return teacher.eval()
-
-
-def teacher_job(q: SearchEvidenceArguments) -> dict:
-    from hf_kdsearch import ClassificationTrainer
-
-    _, val, test, teacher_data = data(q)
-    set_seed(0)
-    teacher = cnn(q.teacher_widths)
-    t_args = run_args(f"{q.output_dir}/teacher", 0, q.teacher_epochs, 64, learning_rate=3e-3)
-    t_args.optim, t_args.optim_args, t_args.weight_decay = "adamw_torch", None, 5e-4
-    quiet(ClassificationTrainer(model=teacher, args=t_args, train_dataset=teacher_data, data_collator=ShiftCollate(0)))
-    teacher.eval()
-    return {"state": teacher.state_dict(), "val": held_out_errors(teacher, val), "test": held_out_errors(teacher, test)}
 
 
 def ranked_student(gated: torch.nn.Module, ratio: float, scores: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -180,7 +165,7 @@ def criterion_scores(gated: torch.nn.Module, criterion: str, ratio: float) -> di
 def search_job(q: SearchEvidenceArguments, teacher_state: dict, ratio: float, search: str) -> dict:
     """One search run at `ratio`; per criterion it yields, the found widths and the cut-out student's weights."""
     trainable, factor, penalty, criteria = SEARCHES[search]
-    train, *_ = data(q)
+    train, *_ = splits(q)
     teacher = load_teacher(q, teacher_state)
     set_seed(q.tune_seed)
     gated = add_gates(copy.deepcopy(teacher))
@@ -190,14 +175,14 @@ def search_job(q: SearchEvidenceArguments, teacher_state: dict, ratio: float, se
         target_flops_ratio=ratio, l1_weight=5.0, l1_growth=1.02, input_size=INPUT, penalty=penalty, write_report=False
     )
     out_dir = f"{q.output_dir}/search-{search}-{ratio:g}"
-    args = run_args(out_dir, q.tune_seed, q.search_epochs * factor, 64, learning_rate=0.05)
+    args = run_args(out_dir, q.tune_seed, q.search_epochs * factor, q.batch_size, learning_rate=0.05)
     quiet(
         DistillationTrainer(
             model=gated,
             teacher_model=teacher,
             args=args,
             train_dataset=train,
-            data_collator=ShiftCollate(q.tune_seed),
+            data_collator=ShiftCollate(q.tune_seed, q.max_shift),
             callbacks=[cb],
         )
     )
@@ -227,14 +212,16 @@ def uniform_from_teacher(teacher: torch.nn.Module, widths: list[int]) -> dict:
 
 def student_job(q: SearchEvidenceArguments, teacher_state: dict, spec: dict, seed: int, lr: float, score_on: str):
     """One student distilled on the training digits, from scratch or from `spec["state"]`, scored on `score_on`."""
-    train, val, test, _ = data(q)
+    train, val, test, _ = splits(q)
     teacher = load_teacher(q, teacher_state)
     set_seed(seed)
     student = cnn(spec["widths"], spec["pool_every"])
     if spec.get("state") is not None:
         student.load_state_dict(spec["state"])
-    collate = ShiftCollate(seed)
-    args = run_args(f"{q.output_dir}/student-{seed}", seed, q.epochs, 64, temperature=4.0, alpha=0.9, learning_rate=lr)
+    collate = ShiftCollate(seed, q.max_shift)
+    args = run_args(
+        f"{q.output_dir}/student-{seed}", seed, q.epochs, q.batch_size, temperature=4.0, alpha=0.9, learning_rate=lr
+    )
     quiet(
         DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train, data_collator=collate)
     )
@@ -244,10 +231,7 @@ def student_job(q: SearchEvidenceArguments, teacher_state: dict, spec: dict, see
 # ---- the plots ------------------------------------------------------------------------------------------------------
 def plot_widths(path: str, teacher: list[int], rows: dict[str, dict[str, list[int]]]) -> None:
     """One panel per budget: per layer, the teacher's width and each student's."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(rows), figsize=(5.5 * len(rows), 3.6), squeeze=False)
     for ax, (budget, students) in zip(axes[0], rows.items()):
@@ -260,10 +244,7 @@ def plot_widths(path: str, teacher: list[int], rows: dict[str, dict[str, list[in
         ax.set_ylabel("channels")
         ax.set_title(f"{budget} of the teacher's FLOPs", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -275,14 +256,14 @@ def main(argv: list[str] | None = None) -> dict:
     if q.quick:
         q.seeds, q.n_train, q.n_val, q.epochs, q.teacher_epochs, q.search_epochs = q.seeds[:2], 300, 300, 1, 1, 1
         q.lrs, q.init_lrs = q.lrs[:1], q.init_lrs[:1]
-    train, val, test, teacher_data = data(q)
+    train, val, test, _ = splits(q)
     print(f"{len(train)} training, {len(val)} validation, {len(test)} held-out digits; {workers} run(s) at a time")
 
     def log(what: str) -> None:
         print(f"  {what} ({time.time() - started:.0f} s)", flush=True)
 
     with executor(workers) as pool:
-        t = pool.submit(teacher_job, q).result()
+        t = pool.submit(teacher_run, q).result()
         teacher = load_teacher(q, t["state"])
         t_flops = count_flops(teacher, INPUT)
         log(f"teacher {q.teacher_widths}: {t['val']} validation errors, {t_flops:,} FLOPs")

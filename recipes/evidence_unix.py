@@ -67,7 +67,7 @@ from mnist_quickstart import QuickstartArguments, _one_thread, executor, quiet, 
 from transformers import HfArgumentParser, TrainerCallback, set_seed
 
 from hf_kdsearch import DistillationTrainer, UncertaintyMixupCallback, count_flops
-from hf_kdsearch.evidence import mean_std, paired_summary, plot_paired, tune_arms, write_results
+from hf_kdsearch.evidence import mean_std, paired_summary, plot_paired, pyplot, save_figure, tune_arms, write_results
 
 #: The callback's settings per arm; None is plain KD.
 ARMS = {
@@ -193,10 +193,7 @@ def unix_run(q, arm: str, seed: int, setting: dict, score_on: str, teacher: dict
 
 def plot_time_to_accuracy(path: str, runs: dict[str, list[dict]], *, title: str = "") -> None:
     """Validation errors against cumulative training seconds: a thin line per seed, a thick one for the seeds' mean."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import FuncFormatter
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -220,10 +217,7 @@ def plot_time_to_accuracy(path: str, runs: dict[str, list[dict]], *, title: str 
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", lw=0.3, alpha=0.5)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -226,17 +226,7 @@ METHOD_DEFAULTS = {
     "kd": dict(alpha=0.9, temperature=4.0),
     "unix": dict(alpha=1.0, temperature=4.0),
     "search": dict(alpha=0.9, temperature=4.0),
-    # The ensemble's authors' schedule (their CIFAR-100 configs): torch.optim.Adam (L2 weight decay), lr 1e-3, weight
-    # decay 1e-5, batch 128, x0.1 at 57 % and 86 % of the run. adamw_torch is what --adam_l2 false falls back to.
-    "ensemble": dict(
-        adam_l2=True,
-        optim="adamw_torch",
-        optim_args=None,
-        learning_rate=1e-3,
-        weight_decay=1e-5,
-        per_device_train_batch_size=128,
-        lr_decay_at=[200 / 350, 300 / 350],
-    ),
+    "ensemble": dict(common.ENSEMBLE_DEFAULTS),
 }
 
 

@@ -104,6 +104,20 @@ def with_step_decay(trainer_cls: type, milestones: list[float], factor: float) -
     return StepDecay
 
 
+#: The online ensemble's optimiser and schedule in its authors' released CIFAR-100 configs: `torch.optim.Adam` with L2
+#: weight decay (`adam_l2`), lr 1e-3, weight decay 1e-5, batch 128, x0.1 at epochs 200 and 300 of 350. `adamw_torch`
+#: is what `--adam_l2 false` falls back to. The recipes' `--method ensemble` defaults.
+ENSEMBLE_DEFAULTS = dict(
+    adam_l2=True,
+    optim="adamw_torch",
+    optim_args=None,
+    learning_rate=1e-3,
+    weight_decay=1e-5,
+    per_device_train_batch_size=128,
+    lr_decay_at=[200 / 350, 300 / 350],
+)
+
+
 def optimizer_cls_and_kwargs(recipe, args: DistillationArguments) -> tuple | None:
     """The Trainer's `optimizer_cls_and_kwargs` for a stage: the coupled Adam with `--adam_l2`, else `--optim`'s."""
     return adam_l2(args) if recipe.adam_l2 else None
