@@ -29,6 +29,7 @@ import timm
 import torch
 from torch import nn
 from transformers import EvalPrediction, Trainer, TrainingArguments
+from transformers.trainer_utils import has_length
 
 from .checks import check_finite_weights
 from .config import DistillationArguments
@@ -426,14 +427,21 @@ class OnlineEnsembleArguments(DistillationArguments):
     adapter_freeze_epochs: float = field(
         default=1.0,
         metadata={
-            "help": "The adapters are not updated before this epoch (1: not in the first epoch, as in the authors' "
-            "code; 0: from the start). The feature loss still trains the students through them."
+            "help": "The adapters are not updated in the first this many epochs' worth of optimizer steps (1: not in "
+            "the first epoch, as in the authors' code; 0: from the start). The feature loss still trains the students "
+            "through them. On a stream (no epoch length) an epoch counts as max_steps / num_train_epochs steps."
         },
+    )
+    adapter_freeze_steps: int | None = field(
+        default=None,
+        metadata={"help": "The adapters' freeze in optimizer steps; replaces adapter_freeze_epochs when set."},
     )
 
     def __post_init__(self):
         for name in ("ce_weight", "feature_weight", "kd_weight", "adapter_lr_scale", "adapter_freeze_epochs"):
             _check_number(name, getattr(self, name))
+        if self.adapter_freeze_steps is not None:
+            _check_number("adapter_freeze_steps", self.adapter_freeze_steps)
         _check_number("temperature", self.temperature, positive=True)
         changed = [n for n in _KD_ONLY if n != "temperature" and getattr(self, n) != _KD_DEFAULTS[n]]
         if changed:
@@ -485,7 +493,8 @@ class OnlineEnsembleTrainer(LossMetricsMixin, Trainer):
     override the arguments' values.
 
     As in the authors' code, the adapters train at `adapter_lr_scale` times the learning rate (their own optimizer
-    parameter groups, so every scheduler keeps the ratio) and are not updated before epoch `adapter_freeze_epochs`:
+    parameter groups, so every scheduler keeps the ratio) and are not updated in the first `adapter_freeze_epochs`
+    epochs' worth of optimizer steps (or `adapter_freeze_steps`), counted in steps so that the freeze ends on a stream:
     their gradients are dropped after each backward, before clipping, so the optimizer skips them entirely.
 
     Logged, in training and evaluation: `loss_ce`, `loss_int`, `loss_kd` (weighted, they sum to the loss) and
@@ -523,6 +532,7 @@ class OnlineEnsembleTrainer(LossMetricsMixin, Trainer):
         if kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = ensemble_accuracy
         super().__init__(model, args, *trainer_args, **kwargs)
+        self._freeze_steps: int | None = None
         if not isinstance(self.model, OnlineEnsemble):
             raise TypeError(
                 f"OnlineEnsembleTrainer trains an OnlineEnsemble (from build_ensemble), got {type(self.model).__name__}"
@@ -565,9 +575,35 @@ class OnlineEnsembleTrainer(LossMetricsMixin, Trainer):
         optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
         return optimizer
 
+    def adapter_freeze_steps(self) -> int:
+        """The optimizer steps before the adapters are first updated: `adapter_freeze_steps` when set, else
+        `adapter_freeze_epochs` times an epoch's optimizer steps. A stream has no epoch length, so there an epoch
+        counts as `max_steps / num_train_epochs` steps: the same share of the run as on a finite dataset."""
+        if self._freeze_steps is None:
+            args = self.args
+            if args.adapter_freeze_steps is not None or args.adapter_freeze_epochs == 0:
+                self._freeze_steps = int(args.adapter_freeze_steps or 0)
+            elif has_length(self.train_dataset):
+                per_epoch = math.ceil(len(self.get_train_dataloader()) / args.gradient_accumulation_steps)
+                self._freeze_steps = round(args.adapter_freeze_epochs * per_epoch)
+            else:
+                per_epoch = self.state.max_steps / max(args.num_train_epochs, 1.0)
+                self._freeze_steps = round(args.adapter_freeze_epochs * per_epoch)
+                logger.warning(
+                    "the training set is a stream without a length: the adapters are frozen for the first %d of %d "
+                    "optimizer steps (adapter_freeze_epochs=%s of num_train_epochs=%s); set adapter_freeze_steps to "
+                    "choose",
+                    self._freeze_steps,
+                    self.state.max_steps,
+                    args.adapter_freeze_epochs,
+                    args.num_train_epochs,
+                )
+        return self._freeze_steps
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if (self.state.epoch or 0.0) < self.args.adapter_freeze_epochs:
+        # Counted in optimizer steps, which advance on a stream too (the Trainer's epoch there does not).
+        if self.state.global_step < self.adapter_freeze_steps():
             # Dropped after the backward (and its DDP all-reduce) and before clipping: the optimizer skips a
             # parameter without a gradient, so the adapters stay exactly as they are, momentum and decay included.
             for p in self._adapter_parameters():

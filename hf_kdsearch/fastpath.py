@@ -23,6 +23,7 @@ device's generator; ranks seeded alike draw alike crop offsets for different ima
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -395,6 +396,15 @@ def _unwrap_dataset(dataset: Any) -> Any:
     return dataset.dataset if isinstance(dataset, SampleIndexDataset) else dataset
 
 
+#: Why channels_last stays off on CPU: no speed there, and a defect of torch 2.14.1 that kills the process.
+CHANNELS_LAST_ON_CPU = (
+    "channels_last=True on CPU: torch 2.14.1's CPU backward of a 1x1 stride-2 convolution in channels_last with fewer "
+    "than 8 input channels aborts the process ('double free or corruption', SIGABRT, no Python error); narrow "
+    "ensemble students and searched students have such shortcuts. channels_last brings no speed on CPU: leave it off "
+    "there (the recipes turn it on for CUDA only)"
+)
+
+
 def setup_fast_path(trainer: Any) -> DeviceAugment | None:
     """What a trainer built on `LossMetricsMixin` does with the fast-path settings of its `args`, once, at init.
 
@@ -406,6 +416,8 @@ def setup_fast_path(trainer: Any) -> DeviceAugment | None:
     """
     args, model = trainer.args, trainer.model
     if getattr(args, "channels_last", False):
+        if args.device.type == "cpu":
+            warnings.warn(CHANNELS_LAST_ON_CPU, stacklevel=2)
         model.to(memory_format=torch.channels_last)
     augment = DeviceAugment.from_args(args, model)
     if augment is None:

@@ -45,6 +45,7 @@ from torch import nn
 from .atomic import atomic_folder
 from .checks import check_finite_weights
 from .loading import HubUnavailableError, hub_unreachable_reason, load_model, network_errors
+from .redact import redact_text
 
 __all__ = ["HubUnavailableError", "save_student", "push_student", "load_student", "CARD_KEYS"]
 
@@ -339,7 +340,7 @@ def _card_text(config: dict, card: dict, extra: list[str], *, repo_id: str | Non
         hardware=card.get("hardware") or _hardware(),
         notes=card.get("notes"),
     )
-    return str(rendered)
+    return redact_text(str(rendered))  # a token in a recorded command or a note never reaches the card
 
 
 def _method_text(method: Any) -> str | None:

@@ -330,23 +330,23 @@ def test_columns_and_splits_errors_are_clear(digit_folder, tmp_path, capsys):
     write_digit_folder(only_train, {"train": 20})
     base = ["--method", "kd", "--teacher", "t", "--dataset_path", str(only_train), "--output_dir", str(tmp_path)]
     r, args, _ = recipe.parse_args([*base, "--use_cpu"])
-    with pytest.raises(recipe.RecipeError, match=r"no evaluation split \(it has \['train'\]\): pass "
+    with pytest.raises(recipe.common.RecipeError, match=r"no evaluation split \(it has \['train'\]\): pass "
                        r"--validation_split_percentage 10"):  # fmt: skip
-        recipe.load_raw(r, args)
+        recipe.common.load_raw(r, args)
     assert recipe.common.run_cli(lambda: recipe.main([*base, "--use_cpu"]), "HINT") == 2  # one message, no traceback
     err = capsys.readouterr().err
     assert "error: the dataset has no evaluation split" in err and "Traceback" not in err and "HINT" not in err
     r, args, _ = recipe.parse_args([*base, "--use_cpu", "--validation_split_percentage", "25"])
-    train, held, image_column, label_column, num_classes, names = recipe.load_raw(r, args)
+    train, held, image_column, label_column, num_classes, names = recipe.common.load_raw(r, args)
     assert (len(train), len(held), image_column, label_column, num_classes) == (15, 5, "image", "label", 10)
     assert r.eval_split == "25 % of train held out"
 
     small = timm.create_model("cifar_resnet8", num_classes=4)
     data = type("Data", (), {"num_classes": 10})()
     with pytest.raises(
-        recipe.RecipeError, match="the label column 'label' has 10 classes but the student's head has 4"
+        recipe.common.RecipeError, match="the label column 'label' has 10 classes but the student's head has 4"
     ):
-        recipe.check_head(small, data, "label")
+        recipe.common.check_head(small, data, "label")
     with pytest.raises(SystemExit):
         recipe.parse_args([*base, "--use_cpu", "--streaming"])  # a stream needs --max_steps
 
@@ -356,11 +356,11 @@ def test_the_data_path_is_chosen_from_the_images(digit_folder, tmp_path):
     cfg = data_config_for(timm.create_model("cifar_resnet8"))
     mixed = load_image_dataset(path=str(digit_folder))
     r, _, _ = recipe.parse_args(["--teacher", "t", "--dataset_path", "x", "--use_cpu", "--output_dir", str(tmp_path)])
-    path, why = recipe.choose_path(r, mixed["train"], mixed["validation"], "image", cfg)
+    path, why = recipe.common.choose_path(r, mixed["train"], mixed["validation"], "image", cfg)
     assert path == "transforms" and why.startswith("images come in")
     r.loader = "fast"
-    with pytest.raises(recipe.RecipeError, match="--loader fast needs images of one size"):
-        recipe.choose_path(r, mixed["train"], mixed["validation"], "image", cfg)
+    with pytest.raises(recipe.common.RecipeError, match="--loader fast needs images of one size"):
+        recipe.common.choose_path(r, mixed["train"], mixed["validation"], "image", cfg)
 
     import datasets
 
@@ -369,11 +369,11 @@ def test_the_data_path_is_chosen_from_the_images(digit_folder, tmp_path):
         features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])}),
     )
     r.loader = "auto"
-    assert recipe.choose_path(r, fixed, fixed, "image", cfg) == ("fast", "all 12 images are 28x28 (0.0 MiB as uint8)")
+    assert recipe.common.choose_path(r, fixed, fixed, "image", cfg) == ("fast", "all 12 images are 28x28 (0.0 MiB as uint8)")
     r.fast_path_max_bytes = 1000
-    assert recipe.choose_path(r, fixed, fixed, "image", cfg)[0] == "transforms"
+    assert recipe.common.choose_path(r, fixed, fixed, "image", cfg)[0] == "transforms"
     r.fast_path_max_bytes, r.image_size = 2**30, [32]
-    assert recipe.choose_path(r, fixed, fixed, "image", {**cfg, "input_size": (3, 32, 32)}) == (
+    assert recipe.common.choose_path(r, fixed, fixed, "image", {**cfg, "input_size": (3, 32, 32)}) == (
         "transforms",
         "--image_size 32x32 differs from the images' 28x28",
     )

@@ -135,6 +135,7 @@ def test_kd_trains_the_teacher_once_then_search_reuses_it_and_pushes(cifar_copie
     )
     cache = out / "teacher-cifar_resnet8"
     assert "stage 1: no trained weights for cifar_resnet8" in kd.stdout
+    assert "data path: fast (uint8 tensors on cpu, augmented there" in kd.stdout  # device_augment
     assert (cache / "model.safetensors").is_file()
     assert "'loss_kd'" in kd.stdout and "'eval_top5'" in kd.stdout  # distilled, evaluated with top-k accuracy
     kd_student = assert_loadable(out / "student")
@@ -144,13 +145,13 @@ def test_kd_trains_the_teacher_once_then_search_reuses_it_and_pushes(cifar_copie
 
     # Every stage saved a checkpoint of its channels_last model; --resume continues from the last one (here, the
     # end of the run) and gives the same student.
-    assert (out / "distill" / "checkpoint-2" / "trainer_state.json").is_file()
+    assert (out / "kd" / "distill" / "checkpoint-2" / "trainer_state.json").is_file()
     student = file_hash(out / "student" / "model.safetensors")
     again = run_recipe(
         "--method", "kd", *arch, "--student", "cifar_resnet8", *tiny(cifar_copies["parquet"], out), "--resume",
         tmp_path=tmp_path,
     )  # fmt: skip
-    assert f"resuming from {out / 'distill' / 'checkpoint-2'}" in again.stdout
+    assert f"resuming from {out / 'kd' / 'distill' / 'checkpoint-2'}" in again.stdout
     assert file_hash(out / "student" / "model.safetensors") == student
 
     cached = file_hash(cache / "model.safetensors")
@@ -328,8 +329,8 @@ def test_method_defaults_follow_the_papers(tmp_path):
     assert (args.num_train_epochs, args.learning_rate, args.per_device_train_batch_size) == (240, 0.05, 64)
     assert (args.weight_decay, args.optim_args, args.alpha, args.temperature) == (5e-4, "momentum=0.9", 0.9, 4.0)
     assert [round(m * 240) for m in r.lr_decay_at] == [150, 180, 210] and r.step_decay
-    assert args.device_augment and args.channels_last and not args.push_to_hub and not hub["push"]
-    assert not r.adam_l2 and recipe.optimizer_cls_and_kwargs(r, args) is None  # SGD from --optim
+    assert not args.channels_last and not args.push_to_hub and not hub["push"]  # channels_last: CUDA only
+    assert not r.adam_l2 and recipe.common.optimizer_cls_and_kwargs(r, args) is None  # SGD from --optim
 
     r, args, _ = recipe.parse_args(["--method", "unix", "--output_dir", str(tmp_path), "--use_cpu"])
     assert (args.alpha, args.temperature, r.select_ratio) == (1.0, 4.0, 0.75)
@@ -340,14 +341,16 @@ def test_method_defaults_follow_the_papers(tmp_path):
     assert (args.num_train_epochs, args.learning_rate, args.weight_decay) == (350, 1e-3, 1e-5)
     assert r.student == "cifar_resnet110"
     assert r.adam_l2 and args.optim_args is None and args.per_device_train_batch_size == 128
-    optimizer_cls, kwargs = recipe.optimizer_cls_and_kwargs(r, args)
+    optimizer_cls, kwargs = recipe.common.optimizer_cls_and_kwargs(r, args)
     assert optimizer_cls is torch.optim.Adam and kwargs["lr"] == 1e-3
     assert [round(m * 350) for m in r.lr_decay_at] == [200, 300]
     r, args, _ = recipe.parse_args(["--method", "ensemble", "--output_dir", str(tmp_path), "--optim", "sgd"])
-    assert not r.adam_l2 and recipe.optimizer_cls_and_kwargs(r, args) is None  # an explicit --optim wins
+    assert not r.adam_l2 and recipe.common.optimizer_cls_and_kwargs(r, args) is None  # an explicit --optim wins
     r, args, _ = recipe.parse_args(["--method", "ensemble", "--output_dir", str(tmp_path), "--adam_l2", "false"])
-    assert recipe.optimizer_cls_and_kwargs(r, args) is None and args.optim == "adamw_torch"
-    assert args.save_strategy == "epoch" and args.channels_last  # checkpoints of channels_last students by default
+    assert recipe.common.optimizer_cls_and_kwargs(r, args) is None and args.optim == "adamw_torch"
+    assert args.save_strategy == "epoch" and not args.channels_last  # channels_last on CUDA only
+    _, args, _ = recipe.parse_args(["--method", "ensemble", "--output_dir", str(tmp_path), "--channels_last", "true"])
+    assert args.channels_last  # forced: the trainer warns on CPU (tests/test_recipe_faults.py)
 
     r, args, hub = recipe.parse_args(
         ["--output_dir", str(tmp_path), "--use_cpu", "--learning_rate", "0.01", "--lr_scheduler_type", "cosine"]
@@ -363,7 +366,7 @@ def test_step_decay_multiplies_the_rate_at_each_fraction(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     recipe = load_recipe_module()
-    trainer_cls = recipe.with_step_decay(Trainer, [0.5, 0.75], 0.1)
+    trainer_cls = recipe.common.with_step_decay(Trainer, [0.5, 0.75], 0.1)
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, learning_rate=0.1, optim="sgd")
     trainer = trainer_cls(model=torch.nn.Linear(2, 2), args=args)
     trainer.create_optimizer_and_scheduler(num_training_steps=100)
@@ -392,7 +395,7 @@ def test_step_decay_multiplies_the_rate_at_each_fraction(tmp_path):
 def test_bad_settings_fail_before_anything_is_loaded_or_trained(tmp_path, flags, message):
     recipe = load_recipe_module()
     out = tmp_path / "run"
-    with pytest.raises(recipe.RecipeConfigError, match=message):
+    with pytest.raises(recipe.common.RecipeError, match=message):
         recipe.main(["--teacher", "cifar_resnet8", "--dataset_path", str(tmp_path / "no_data"),
                      "--output_dir", str(out), "--use_cpu", *flags])  # fmt: skip
     assert not (out / "stage1_teacher").exists()  # the dataset was not even read: it does not exist
@@ -405,17 +408,17 @@ def test_a_non_empty_teacher_cache_dir_and_an_unwritable_search_folder_fail_befo
     (cache / "notes.txt").write_text("someone else's folder")
     common = ["--teacher", "cifar_resnet8", "--dataset_path", str(tmp_path / "no_data"), "--use_cpu"]
     out = tmp_path / "run"
-    with pytest.raises(recipe.RecipeConfigError, match=r"--teacher_cache_dir .*cache' is not empty and holds no"):
+    with pytest.raises(recipe.common.RecipeError, match=r"--teacher_cache_dir .*cache' is not empty and holds no"):
         recipe.main([*common, "--teacher_cache_dir", str(cache), "--output_dir", str(out)])
     assert sorted(p.name for p in cache.iterdir()) == ["notes.txt"] and not (out / "stage1_teacher").exists()
     # A cache holding another architecture is refused before training, too.
     save_student(timm.create_model("cifar_resnet20", num_classes=10), tmp_path / "r20")
-    with pytest.raises(recipe.RecipeConfigError, match=r"is a cifar_resnet20, not a cifar_resnet8"):
+    with pytest.raises(recipe.common.RecipeError, match=r"is a cifar_resnet20, not a cifar_resnet8"):
         recipe.main([*common, "--teacher_cache_dir", str(tmp_path / "r20"), "--output_dir", str(out)])
     # The search report's folder is checked at the start, not after the search.
     out.mkdir(exist_ok=True)
     (out / "search").write_text("a file where the report's folder goes")
-    with pytest.raises(recipe.RecipeConfigError, match=r"the search report's folder .*search' is not writable"):
+    with pytest.raises(recipe.common.RecipeError, match=r"the search report's folder .*search' is not writable"):
         recipe.main([*common, "--method", "search", "--output_dir", str(out)])
 
 
@@ -425,7 +428,7 @@ def test_the_teacher_cache_is_written_whole_and_a_failed_rename_keeps_the_teache
     stale = tmp_path / ".cache.tmp"
     stale.mkdir()
     (stale / "config.json").write_text("{half written by a killed run")
-    recipe.cache_teacher(teacher, tmp_path / "cache", card={}, name="t")
+    recipe.common.cache_teacher(teacher, tmp_path / "cache", card={}, name="t")
     assert not stale.exists() and {"config.json", "model.safetensors"} <= {
         p.name for p in (tmp_path / "cache").iterdir()
     }
@@ -433,14 +436,14 @@ def test_the_teacher_cache_is_written_whole_and_a_failed_rename_keeps_the_teache
     with pytest.raises(
         TeacherLoadError, match=r"could not be moved to .*cache.* it is kept, complete, at .*\.cache\.tmp"
     ):
-        recipe.cache_teacher(teacher, tmp_path / "cache", card={}, name="t")
+        recipe.common.cache_teacher(teacher, tmp_path / "cache", card={}, name="t")
     kept = timm.create_model(f"local-dir:{stale}", pretrained=True)
     torch.testing.assert_close(kept.state_dict(), teacher.state_dict())
     nan = timm.create_model("cifar_resnet8", num_classes=10)
     with torch.no_grad():
         nan.fc.bias[0] = float("nan")
     with pytest.raises(FloatingPointError, match="the stage-1 teacher has NaN"):
-        recipe.cache_teacher(nan, tmp_path / "other", card={}, name="the stage-1 teacher")
+        recipe.common.cache_teacher(nan, tmp_path / "other", card={}, name="the stage-1 teacher")
     assert not (tmp_path / "other").exists()
 
 
@@ -485,7 +488,7 @@ def test_seed_makes_two_identical_runs_give_identical_students(cifar_copies, kd_
     run_recipe(*kd_defaults(cifar_copies["parquet"], out), tmp_path=tmp_path)
     for name in ("teacher-cifar_resnet8", "student"):
         assert file_hash(out / name / "model.safetensors") == file_hash(kd_reference / name / "model.safetensors")
-    assert last_checkpoint_step(kd_reference / "distill") == 8  # defaults: a checkpoint every epoch, channels_last
+    assert last_checkpoint_step(kd_reference / "kd" / "distill") == 8  # defaults: a checkpoint every epoch, channels_last
 
 
 @pytest.mark.slow
@@ -497,12 +500,12 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_student(cifar_copie
     killed = subprocess.run([*killer, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode == 137, killed.stdout[-2000:] + killed.stderr[-3000:]
     assert "[killed] after the checkpoint at step 4" in killed.stdout
-    assert not (out / "student").exists() and last_checkpoint_step(out / "distill") == 4
+    assert not (out / "student").exists() and last_checkpoint_step(out / "kd" / "distill") == 4
     # A checkpoint cut short by a later kill (no trainer_state.json yet) is skipped by --resume.
-    (out / "distill" / "checkpoint-6").mkdir()
+    (out / "kd" / "distill" / "checkpoint-6").mkdir()
     resumed = run_recipe(*args, "--resume", tmp_path=tmp_path)
     assert "reusing the trained teacher cached at" in resumed.stdout
-    assert f"resuming from {out / 'distill' / 'checkpoint-4'}" in resumed.stdout
+    assert f"resuming from {out / 'kd' / 'distill' / 'checkpoint-4'}" in resumed.stdout
     assert file_hash(out / "student" / "model.safetensors") == file_hash(kd_reference / "student" / "model.safetensors")
 
 
