@@ -369,7 +369,8 @@ def test_the_data_path_is_chosen_from_the_images(digit_folder, tmp_path):
         features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])}),
     )
     r.loader = "auto"
-    assert recipe.common.choose_path(r, fixed, fixed, "image", cfg) == ("fast", "all 12 images are 28x28 (0.0 MiB as uint8)")
+    got = recipe.common.choose_path(r, fixed, fixed, "image", cfg)
+    assert got == ("fast", "all 12 images are 28x28 (0.0 MiB as uint8)")
     r.fast_path_max_bytes = 1000
     assert recipe.common.choose_path(r, fixed, fixed, "image", cfg)[0] == "transforms"
     r.fast_path_max_bytes, r.image_size = 2**30, [32]

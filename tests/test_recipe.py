@@ -488,7 +488,7 @@ def test_seed_makes_two_identical_runs_give_identical_students(cifar_copies, kd_
     run_recipe(*kd_defaults(cifar_copies["parquet"], out), tmp_path=tmp_path)
     for name in ("teacher-cifar_resnet8", "student"):
         assert file_hash(out / name / "model.safetensors") == file_hash(kd_reference / name / "model.safetensors")
-    assert last_checkpoint_step(kd_reference / "kd" / "distill") == 8  # defaults: a checkpoint every epoch, channels_last
+    assert last_checkpoint_step(kd_reference / "kd" / "distill") == 8  # defaults: a checkpoint every epoch
 
 
 @pytest.mark.slow
