@@ -781,6 +781,14 @@ def check_run_record(recipe, args, raw, tag: str) -> dict:
             commands = old.get("commands", [])
     record["commands"] = [*commands, recipe.command]
     if args.process_index == 0:
+        if not recipe.resume:
+            # A new run replaces the record, so the earlier run's checkpoints describe nothing any more: a later
+            # --resume must not continue them (and the Trainer's rotation would keep them over the new ones).
+            stale = sorted(Path(method_dir(recipe, args)).glob(f"*/{PREFIX_CHECKPOINT_DIR}-*"))
+            for folder in stale:
+                shutil.rmtree(folder)
+            if stale:
+                log(args, f"starting anew: removed {len(stale)} checkpoint(s) of the earlier run: {stale[0]} ...", tag)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(record, indent=1) + "\n")

@@ -235,6 +235,12 @@ def test_resume_refuses_a_changed_setting_or_dataset_naming_both_values(image, d
     assert record["settings"]["temperature"] == 4.0 and len(record["commands"]) == 2
     card = (out / "student" / "README.md").read_text()
     assert "--logging_steps 7" in card and card.count("image_classification.py --method kd") == 2
+    # Without --resume the run starts anew: the earlier run's checkpoints go, so no later --resume continues them.
+    stale = out / "kd" / "distill" / "checkpoint-99"
+    stale.mkdir()
+    (stale / "trainer_state.json").write_text("{}")
+    image.main([*args, "--temperature", "2"])
+    assert not stale.exists() and json.loads((out / "kd" / "run.json").read_text())["settings"]["temperature"] == 2.0
 
 
 # ---- 8. the ensemble's adapters on a stream ------------------------------------------------------------------------
@@ -264,9 +270,9 @@ def test_ensemble_on_a_stream_updates_its_adapters_after_the_freeze(image, digit
 
 # ---- 9. no token in any file ----------------------------------------------------------------------------------------
 def test_redaction_of_token_flags_and_hub_shaped_tokens():
-    argv = ["run.py", "--hub_token", FAKE_TOKEN, "--my_token=abc", "--note", f"x{FAKE_TOKEN}y", "--seed", "1"]
+    argv = ["run.py", "--hub_token", FAKE_TOKEN, "--my_token=abc", "--note", f"x={FAKE_TOKEN}.", "--seed", "1"]
     assert redact_argv(argv) == [
-        "run.py", "--hub_token", REDACTED, f"--my_token={REDACTED}", "--note", f"x{REDACTED}y", "--seed", "1"
+        "run.py", "--hub_token", REDACTED, f"--my_token={REDACTED}", "--note", f"x={REDACTED}.", "--seed", "1"
     ]  # fmt: skip
     assert redact_text(f"token {FAKE_TOKEN}.") == f"token {REDACTED}." and redact_text("hf_short") == "hf_short"
 
@@ -283,4 +289,4 @@ def test_a_hub_token_on_the_command_line_reaches_no_file(digits, tmp_path):
     assert any(p.name == "training_args.bin" for p in files) and (out / "teacher-cifar_resnet8" / "README.md").is_file()
     leaked = [str(p) for p in files if FAKE_TOKEN.encode() in p.read_bytes()]
     assert leaked == []
-    assert f"--hub_token {REDACTED}" in (out / "student" / "README.md").read_text()
+    assert f"--hub_token '{REDACTED}'" in (out / "student" / "README.md").read_text()  # shlex-quoted
