@@ -135,7 +135,13 @@ def _replace_folder(new: Path, target: Path, keep_other_files: bool, what: str) 
             raise _failed(err, target, what) from err
         for name in carried:  # the target still holds these: only the files this save wrote are copied in
             _remove(new / name)
-        _replace_files(new, target, keep_other_files, what, f"it cannot be renamed: {os.strerror(err.errno)}")
+        _replace_files(
+            new,
+            target,
+            keep_other_files,
+            what,
+            f"it cannot be renamed: {os.strerror(err.errno)}; a mount point, such as a container volume?",
+        )
 
 
 def _swap(new: Path, target: Path) -> None:
