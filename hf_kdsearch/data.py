@@ -45,6 +45,7 @@ __all__ = [
     "load_image_dataset",
     "encode_labels",
     "check_labels",
+    "label_array",
     "to_mode",
     "decode_image",
     "undecoded",
@@ -203,8 +204,9 @@ def _find_column(dataset, wanted: str | None, kind: str, feature_type) -> str:
 
 
 # ---- labels --------------------------------------------------------------------------------------------------------
-class LabelError(ValueError):
-    """A label column that cannot serve as class ids: strings in a stream, labels outside the label set, gaps."""
+class LabelError(DatasetLoadError, ValueError):
+    """A label column that cannot serve as class ids: strings in a stream, labels outside the label set, gaps.
+    A `DatasetLoadError` (the dataset cannot be used as it is) and a `ValueError`."""
 
 
 def _is_string(feature) -> bool:
@@ -277,7 +279,8 @@ def check_labels(
     training example.
 
     Args:
-        train_labels, eval_labels: the training and evaluation labels (any sequence or tensor of ints).
+        train_labels, eval_labels: the training and evaluation labels: a tensor, an array, a list, or a `datasets`
+            column (`dataset["label"]`, read through Arrow).
         num_classes: the size of the label set (the model's head).
         class_names: the names of the classes, used in the messages.
         inferred: `num_classes` was read off the data (largest label + 1), so a class without a training example is
@@ -290,13 +293,13 @@ def check_labels(
     """
     import logging
 
-    train = torch.as_tensor(np.asarray(train_labels, dtype=np.int64)).flatten()
+    train = _int64(train_labels)
     if train.numel() == 0:
         raise LabelError("the training split is empty")
     for split, labels in (("training", train), ("evaluation", eval_labels)):
         if labels is None:
             continue
-        labels = torch.as_tensor(np.asarray(labels, dtype=np.int64)).flatten()
+        labels = _int64(labels)
         bad = labels[(labels < 0) | (labels >= num_classes)]
         if bad.numel():
             values, counts = bad.unique(return_counts=True)
@@ -328,19 +331,32 @@ def check_labels(
     return empty
 
 
+def _int64(labels) -> torch.Tensor:
+    if hasattr(labels, "source") and hasattr(labels, "column_name"):  # a datasets `Column`: read it through Arrow
+        labels = label_array(labels.source, labels.column_name)
+    return torch.as_tensor(np.asarray(labels, dtype=np.int64)).flatten()
+
+
 def _short(items: Sequence, n: int = 10) -> str:
     items = [str(i) for i in items]
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
-def _int_labels(dataset, label_column: str) -> np.ndarray:
+def label_array(dataset, label_column: str) -> np.ndarray:
+    """The label column of a `datasets.Dataset` as an int64 array, read through Arrow in one go (a `Column` read
+    element by element takes seconds per 50,000 labels).
+
+    Raises:
+        LabelError: the column holds strings (encode them with `encode_labels`), missing values or non-integers.
+    """
     if _is_string(dataset.features[label_column]):
         raise LabelError(
             f"the label column {label_column!r} holds strings, not class ids; encode it first "
             f"(hf_kdsearch.data.encode_labels) or pass a column of class ids with --label_column"
         )
     try:
-        return np.asarray(dataset[label_column], dtype=np.int64)
+        column = dataset.select_columns([label_column]).with_format("arrow")[:][label_column]
+        return np.asarray(column.to_numpy(), dtype=np.int64)
     except (TypeError, ValueError) as err:
         raise LabelError(
             f"the label column {label_column!r} does not hold integer class ids ({err}); pass another with "
@@ -349,8 +365,9 @@ def _int_labels(dataset, label_column: str) -> np.ndarray:
 
 
 # ---- images ----------------------------------------------------------------------------------------------------------
-class ImageDecodeError(ValueError):
-    """An image that cannot be read (a truncated or corrupt file); the message names its file, or its index."""
+class ImageDecodeError(DatasetLoadError, ValueError):
+    """An image that cannot be read (a truncated or corrupt file); the message names its file, or its index.
+    A `DatasetLoadError` and a `ValueError`."""
 
 
 #: Pillow modes of 16-bit greyscale; `to_mode` divides them by 257 (65535 -> 255).
@@ -459,7 +476,7 @@ def to_uint8_tensors(
         raise ValueError("the dataset split is empty")
     label_feature = dataset.features[label_column]
     class_names = list(label_feature.names) if isinstance(label_feature, datasets.ClassLabel) else None
-    labels = _int_labels(dataset, label_column)
+    labels = label_array(dataset, label_column)
     mode = "RGB" if channels == 3 else "L"
     raw = undecoded(dataset.select_columns([image_column]), image_column)
     chunks, shape = [], None
