@@ -356,7 +356,7 @@ def label_array(dataset, label_column: str) -> np.ndarray:
         )
     try:
         column = dataset.select_columns([label_column]).with_format("arrow")[:][label_column]
-        return np.asarray(column.to_numpy(), dtype=np.int64)
+        return np.array(column.to_numpy(), dtype=np.int64)  # a writable copy
     except (TypeError, ValueError) as err:
         raise LabelError(
             f"the label column {label_column!r} does not hold integer class ids ({err}); pass another with "
