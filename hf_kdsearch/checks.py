@@ -84,6 +84,8 @@ def check_label_names(
     Raises:
         LabelNamesError: the same class names in another order; the message lists the first mismatched outputs.
     """
+    if isinstance(teacher, (str, bytes)):
+        raise TypeError(f"check_label_names takes the teacher model or its list of names, not the string {teacher!r}")
     names = teacher if teacher is None or isinstance(teacher, Sequence) else model_label_names(teacher)
     if not names or not dataset_names:
         return list(names) if names else None
