@@ -8,6 +8,11 @@ a fixed split, a seeded permutation with 8,000 samples for training and 2,000 he
 `save_to_disk`, or an image folder (`train/<class>/*.png`). `to_uint8_tensors` turns one split into a
 `TensorImageDataset` of uint8 `(N, C, H, W)` images, the input of the GPU data path (`hf_kdsearch.fastpath`).
 
+Before decoding, `encode_labels` turns a string label column into class ids (the same sorted names in every split),
+and `check_labels` refuses labels outside the label set and names the classes with no training example. Every image
+goes through `to_mode`: 16-bit greyscale (Pillow's `I;16`, `I;16B`, `I`) is scaled to 8 bits, not clipped as Pillow's
+own `convert("L")` does; an image that cannot be read (a truncated file) raises `ImageDecodeError` naming its file.
+
 Any other image dataset (variable sizes, RGB or greyscale, too large for memory) is decoded on the fly:
 `data_config_for` reads the resolution and statistics a model expects (timm's `resolve_data_config`, or a
 transformers image processor), `image_transforms` builds timm's training and evaluation transforms from it, and
@@ -35,7 +40,15 @@ __all__ = [
     "MNIST10K_PATH",
     "collate_tensor_batch",
     "DatasetLoadError",
+    "ImageDecodeError",
+    "LabelError",
     "load_image_dataset",
+    "encode_labels",
+    "check_labels",
+    "label_array",
+    "to_mode",
+    "decode_image",
+    "undecoded",
     "to_uint8_tensors",
     "find_columns",
     "class_names",
@@ -190,6 +203,240 @@ def _find_column(dataset, wanted: str | None, kind: str, feature_type) -> str:
     )
 
 
+# ---- labels --------------------------------------------------------------------------------------------------------
+class LabelError(DatasetLoadError, ValueError):
+    """A label column that cannot serve as class ids: strings in a stream, labels outside the label set, gaps.
+    A `DatasetLoadError` (the dataset cannot be used as it is) and a `ValueError`."""
+
+
+def _is_string(feature) -> bool:
+    import datasets
+
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
+def encode_labels(splits, label_column: str):
+    """Splits whose string label column (`"cat"`, `"dog"`) becomes a `ClassLabel` column, with the same names in
+    every split: the sorted union of the values of all splits, so class ids agree between training and evaluation.
+
+    Args:
+        splits: a `DatasetDict` or dict of split name -> `datasets.Dataset`, or a list/tuple of datasets.
+        label_column: the label column; a `ClassLabel` or integer column is returned unchanged.
+
+    Returns:
+        The same kind of container with the label column cast to `ClassLabel(names=...)`.
+
+    Raises:
+        LabelError: the column is neither strings nor integers, or it holds strings in a streaming dataset (its class
+            names are unknown before reading it all), or a missing (None) label.
+    """
+    import datasets
+
+    items = list(splits.items()) if isinstance(splits, dict) else list(enumerate(splits))
+    features = [ds.features[label_column] for _, ds in items]
+    if not any(_is_string(f) for f in features):
+        for f in features:
+            if not isinstance(f, datasets.ClassLabel) and not (
+                isinstance(f, datasets.Value) and f.dtype.startswith(("int", "uint"))
+            ):
+                raise LabelError(
+                    f"the label column {label_column!r} holds {f!r}, not class labels; pass a column of class names "
+                    "or ids with --label_column"
+                )
+        return splits
+    if any(isinstance(ds, datasets.IterableDataset) for _, ds in items):
+        raise LabelError(
+            f"the label column {label_column!r} holds strings, and a stream's class names are unknown before reading "
+            "it all; cast it to datasets.ClassLabel(names=...) first, or pass a column of class ids with --label_column"
+        )
+    values: set = set()
+    for _, ds in items:
+        if _is_string(ds.features[label_column]):
+            values.update(ds.unique(label_column))
+    if None in values:
+        raise LabelError(f"the label column {label_column!r} has examples without a label (None); drop them first")
+    names = sorted(values)
+    label = datasets.ClassLabel(names=names)
+    encoded = [
+        (k, ds.cast_column(label_column, label) if _is_string(ds.features[label_column]) else ds) for k, ds in items
+    ]
+    if isinstance(splits, dict):
+        return type(splits)(encoded) if isinstance(splits, datasets.DatasetDict) else dict(encoded)
+    return type(splits)(ds for _, ds in encoded)
+
+
+def check_labels(
+    train_labels,
+    num_classes: int,
+    *,
+    class_names: Sequence[str] | None = None,
+    eval_labels=None,
+    inferred: bool = False,
+    column: str = "label",
+    log=None,
+) -> list[int]:
+    """Check a label set before a model of `num_classes` outputs is built for it; return the classes that have no
+    training example.
+
+    Args:
+        train_labels, eval_labels: the training and evaluation labels: a tensor, an array, a list, or a `datasets`
+            column (`dataset["label"]`, read through Arrow).
+        num_classes: the size of the label set (the model's head).
+        class_names: the names of the classes, used in the messages.
+        inferred: `num_classes` was read off the data (largest label + 1), so a class without a training example is
+            most likely an outlier label, and is an error rather than a warning.
+        column: the label column, for the messages.
+        log: called with the warning text (default: `logging.warning`).
+
+    Raises:
+        LabelError: a label < 0 or >= `num_classes`, or (with `inferred`) classes with no training example.
+    """
+    import logging
+
+    train = _int64(train_labels)
+    if train.numel() == 0:
+        raise LabelError("the training split is empty")
+    for split, labels in (("training", train), ("evaluation", eval_labels)):
+        if labels is None:
+            continue
+        labels = _int64(labels)
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        if bad.numel():
+            values, counts = bad.unique(return_counts=True)
+            listed = ", ".join(f"{v} ({c} example{'s' * (c > 1)})" for v, c in zip(values.tolist(), counts.tolist()))
+            raise LabelError(
+                f"the {split} split's label column {column!r} holds labels outside 0..{num_classes - 1}: {listed}"
+                + (f" (the class names are {_short(class_names)})" if class_names else "")
+                + "; fix or drop those examples, or pass the label set's size with --num_labels"
+            )
+    counts = torch.bincount(train, minlength=num_classes)
+    empty = [c for c in range(num_classes) if counts[c] == 0]
+    if not empty:
+        return empty
+    named = _short([f"{c} ({class_names[c]})" if class_names else str(c) for c in empty])
+    if inferred:
+        present = (counts > 0).nonzero().flatten().tolist()
+        rare = [c for c in present if counts[c] <= max(1, int(0.01 * counts.max()))]
+        raise LabelError(
+            f"the label column {column!r} holds labels 0..{num_classes - 1}, so the model would get {num_classes} "
+            f"outputs, but {len(empty)} of those classes have no training example: {named}"
+            + (f"; labels {_short(rare)} are rare (outliers?)" if rare else "")
+            + ". Fix the outlier labels, or pass --num_labels to keep the empty classes"
+        )
+    message = (
+        f"{len(empty)} of the {num_classes} classes of {column!r} have no training example: {named}; the model "
+        "cannot learn them"
+    )
+    (log or logging.getLogger(__name__).warning)(message)
+    return empty
+
+
+def _int64(labels) -> torch.Tensor:
+    if hasattr(labels, "source") and hasattr(labels, "column_name"):  # a datasets `Column`: read it through Arrow
+        labels = label_array(labels.source, labels.column_name)
+    return torch.as_tensor(np.asarray(labels, dtype=np.int64)).flatten()
+
+
+def _short(items: Sequence, n: int = 10) -> str:
+    items = [str(i) for i in items]
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def label_array(dataset, label_column: str) -> np.ndarray:
+    """The label column of a `datasets.Dataset` as an int64 array, read through Arrow in one go (a `Column` read
+    element by element takes seconds per 50,000 labels).
+
+    Raises:
+        LabelError: the column holds strings (encode them with `encode_labels`), missing values or non-integers.
+    """
+    if _is_string(dataset.features[label_column]):
+        raise LabelError(
+            f"the label column {label_column!r} holds strings, not class ids; encode it first "
+            f"(hf_kdsearch.data.encode_labels) or pass a column of class ids with --label_column"
+        )
+    try:
+        column = dataset.select_columns([label_column]).with_format("arrow")[:][label_column]
+        return np.array(column.to_numpy(), dtype=np.int64)  # a writable copy
+    except (TypeError, ValueError) as err:
+        raise LabelError(
+            f"the label column {label_column!r} does not hold integer class ids ({err}); pass another with "
+            "--label_column"
+        ) from err
+
+
+# ---- images ----------------------------------------------------------------------------------------------------------
+class ImageDecodeError(DatasetLoadError, ValueError):
+    """An image that cannot be read (a truncated or corrupt file); the message names its file, or its index.
+    A `DatasetLoadError` and a `ValueError`."""
+
+
+#: Pillow modes of 16-bit greyscale; `to_mode` divides them by 257 (65535 -> 255).
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_mode(image, mode: str):
+    """`image` (a PIL image) in the Pillow mode `mode` (`"RGB"` or `"L"`), with 16-bit greyscale scaled to 8 bits.
+
+    Pillow's own `convert("L")`/`convert("RGB")` of a 16-bit image clips at 255, which turns every non-zero pixel of
+    a 16-bit PNG white. Here `I;16`, `I;16L`, `I;16B` and `I;16N` are divided by 257 (so 65535 becomes 255); 32-bit
+    `I` images whose values lie in 0..65535 (how older Pillow opens 16-bit PNGs) likewise, and any other `I` image
+    is scaled from its own minimum and maximum to 0..255. Every other mode goes through `Image.convert`.
+    """
+    from PIL import Image
+
+    if image.mode in WIDE_MODES or image.mode == "I":
+        values = np.asarray(image).astype(np.float64)
+        lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if image.mode in WIDE_MODES or (lo >= 0 and hi <= 65535):
+            values = values / 257
+        else:
+            values = (values - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(values)
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+    return image if image.mode == mode else image.convert(mode)
+
+
+def decode_image(item, *, column: str = "image", index: int | None = None, label=None):
+    """A fully loaded PIL image from a `datasets.Image(decode=False)` item (`{"bytes": ..., "path": ...}`), or a PIL
+    image as it is.
+
+    Raises:
+        ImageDecodeError: the image cannot be read (a truncated file, not an image); the message names its file, or,
+            for an image stored as bytes without a name, its index (when given), column and label.
+    """
+    import io
+
+    from PIL import Image
+
+    if not isinstance(item, dict):
+        return item
+    data, path = item.get("bytes"), item.get("path")
+    try:
+        image = Image.open(io.BytesIO(data) if data is not None else path)
+        image.load()  # decode now: a truncated file fails here, not in a later transform
+        return image
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for a bad file
+        if path and data is None:
+            where = f"the image file {path!r}"
+        elif path:
+            where = f"the image {path!r} stored in column {column!r}"
+        else:
+            where = f"the image stored as bytes in column {column!r}"
+        if index is not None:
+            where += f" (example {index})"
+        elif label is not None:
+            where += f" (label {label})"
+        raise ImageDecodeError(f"cannot read {where}: {type(err).__name__}: {err}; fix or remove it") from err
+
+
+def undecoded(dataset, image_column: str):
+    """`dataset` (a `datasets.Dataset` or `IterableDataset`) with its image column left as file references
+    (`datasets.Image(decode=False)`), for `ImageClassificationTransform`: it then decodes each image itself, so that
+    an unreadable image is named by its file, and 16-bit images are scaled (`to_mode`)."""
+    import datasets
+
+    return dataset.cast_column(image_column, datasets.Image(decode=False))
+
+
 def to_uint8_tensors(
     dataset,
     image_column: str | None = None,
@@ -201,16 +448,23 @@ def to_uint8_tensors(
 ) -> tuple[TensorImageDataset, list[str] | None]:
     """Decode a `datasets.Dataset` of images into uint8 `(N, C, H, W)` tensors, with a progress bar.
 
+    Each image is read with Pillow and converted by `to_mode` (16-bit greyscale is scaled to 8 bits, not clipped).
+
     Args:
         dataset: one split, with an `Image` column and an integer label column.
         image_column: defaults to the first `Image` column (`img` in CIFAR-100, `image` in an image folder).
         label_column: defaults to the first `ClassLabel` column (`fine_label` in CIFAR-100, `label` in an image
-            folder).
+            folder). A string column must go through `encode_labels` first.
         channels: 3 decodes as RGB, 1 as greyscale, whatever the stored mode.
 
     Returns:
         `(TensorImageDataset(images, labels), class_names)`; `class_names` comes from the label's `ClassLabel`
         feature, or is None when the label column is plain integers.
+
+    Raises:
+        ImageDecodeError: an image cannot be read; the message names its file (or its index and column).
+        LabelError: the label column holds strings or other non-integers.
+        ValueError: the images differ in size, or the split is empty.
     """
     import datasets
 
@@ -222,21 +476,26 @@ def to_uint8_tensors(
         raise ValueError("the dataset split is empty")
     label_feature = dataset.features[label_column]
     class_names = list(label_feature.names) if isinstance(label_feature, datasets.ClassLabel) else None
-    dataset = dataset.cast_column(image_column, datasets.Image(mode="RGB" if channels == 3 else "L"))
-    dataset = dataset.select_columns([image_column, label_column]).with_format("numpy")
-    chunks, labels = [], []
-    for start in tqdm(range(0, len(dataset), batch_size), desc=desc, unit="batch"):
-        batch = dataset[start : start + batch_size]
-        images = batch[image_column]
-        if not isinstance(images, np.ndarray) or images.dtype == object:
-            sizes = sorted({tuple(np.asarray(im).shape[:2]) for im in images})
-            raise ValueError(f"images in column {image_column!r} differ in size {sizes}; resize them to one size first")
+    labels = label_array(dataset, label_column)
+    mode = "RGB" if channels == 3 else "L"
+    raw = undecoded(dataset.select_columns([image_column]), image_column)
+    chunks, shape = [], None
+    for start in tqdm(range(0, len(raw), batch_size), desc=desc, unit="batch"):
+        arrays = []
+        for j, item in enumerate(raw[start : start + batch_size][image_column]):
+            array = np.asarray(to_mode(decode_image(item, column=image_column, index=start + j), mode))
+            if shape is None:
+                shape = array.shape
+            elif array.shape != shape:
+                sizes = sorted({shape[:2], array.shape[:2]})
+                raise ValueError(
+                    f"images in column {image_column!r} differ in size {sizes} (example {start + j}); resize them to "
+                    "one size first"
+                )
+            arrays.append(array)
+        images = np.stack(arrays)
         chunks.append(torch.from_numpy(images if images.ndim == 4 else images[..., None]).permute(0, 3, 1, 2))
-        labels.append(torch.from_numpy(np.asarray(batch[label_column], dtype=np.int64)))
-    sizes = sorted({tuple(c.shape[2:]) for c in chunks})
-    if len(sizes) > 1:
-        raise ValueError(f"images in column {image_column!r} differ in size {sizes}; resize them to one size first")
-    return TensorImageDataset(torch.cat(chunks).contiguous(), torch.cat(labels)), class_names
+    return TensorImageDataset(torch.cat(chunks).contiguous(), torch.from_numpy(labels)), class_names
 
 
 # ---- any image-classification dataset: on-the-fly transforms, streaming -------------------------------------------
@@ -274,24 +533,40 @@ def find_columns(features, image_column: str | None = None, label_column: str | 
             (
                 c
                 for c in LABEL_COLUMN_NAMES
-                if isinstance(features.get(c), datasets.Value) and features[c].dtype.startswith(("int", "uint"))
+                if isinstance(features.get(c), datasets.Value)
+                and (features[c].dtype.startswith(("int", "uint")) or _is_string(features[c]))
             ),
             None,
         )
         if label_column is None:
             raise ValueError(
-                f"the dataset has no label column (no ClassLabel column, no integer column named one of "
+                f"the dataset has no label column (no ClassLabel column, no integer or string column named one of "
                 f"{list(LABEL_COLUMN_NAMES)}); its columns and types are {columns}. Name it with --label_column."
             )
     return image_column, label_column
 
 
 def class_names(features, label_column: str) -> list[str] | None:
-    """The class names of a `ClassLabel` column, or None for plain integers."""
+    """The class names of a `ClassLabel` column, or None for plain integers.
+
+    Raises:
+        LabelError: the column holds strings (encode them with `encode_labels` first) or other non-integers.
+    """
     import datasets
 
     feature = features[label_column]
-    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    if _is_string(feature):
+        raise LabelError(
+            f"the label column {label_column!r} holds strings, not class ids; encode it first "
+            f"(hf_kdsearch.data.encode_labels) or pass a column of class ids with --label_column"
+        )
+    if not (isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))):
+        raise LabelError(
+            f"the label column {label_column!r} holds {feature!r}, not class labels; pass another with --label_column"
+        )
+    return None
 
 
 def image_sizes(dataset, image_column: str) -> set[tuple[int, int]]:
@@ -367,6 +642,10 @@ class ImageClassificationTransform:
         mode: PIL mode every image is converted to first: `"RGB"` for 3 input channels, `"L"` for 1, whatever mode
             each image is stored in.
 
+    Images come decoded (PIL images) or, from a dataset passed through `undecoded`, as file references that are
+    decoded here, so that an unreadable image raises `ImageDecodeError` naming its file. Either way each goes through
+    `to_mode`: 16-bit greyscale is scaled to 8 bits, not clipped.
+
     Returns a batch `{"pixel_values": [tensor, ...], "labels": [tensor, ...]}`.
     """
 
@@ -374,9 +653,14 @@ class ImageClassificationTransform:
         self.transform, self.image_column, self.label_column, self.mode = transform, image_column, label_column, mode
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        labels = batch[self.label_column]
+        images = [
+            to_mode(decode_image(im, column=self.image_column, label=y), self.mode)
+            for im, y in zip(batch[self.image_column], labels)
+        ]
         return {
-            "pixel_values": [self.transform(im.convert(self.mode)) for im in batch[self.image_column]],
-            "labels": [torch.tensor(int(y)) for y in batch[self.label_column]],
+            "pixel_values": [self.transform(im) for im in images],
+            "labels": [torch.tensor(int(y)) for y in labels],
         }
 
 

@@ -84,7 +84,8 @@ def load_model(name_or_path: str | os.PathLike, *, role: str = "model", **kwargs
 
     Raises:
         ModelNotFoundError: no such folder, a folder without `config.json`, or no such Hub repo. A `FileNotFoundError`.
-        ModelLoadError: a timm name without pretrained weights, or a `config.json` of neither format.
+        ModelLoadError: a timm name without pretrained weights, a `config.json` of neither format, or a folder
+            holding git-lfs pointer files in place of its weights (run `git lfs pull`).
         HubUnavailableError: offline (`HF_HUB_OFFLINE`), or the Hub (`HF_ENDPOINT`) could not be reached.
         Errors of the loaders themselves (a wrong keyword argument, mismatched weights) propagate unchanged.
     """
@@ -110,6 +111,7 @@ def _load_folder(folder: str, role: str, kwargs: dict) -> nn.Module:
 
     if not os.path.isdir(folder):
         raise ModelNotFoundError(f"no {role} folder at {folder!r}{_did_you_mean(folder)}")
+    _refuse_lfs_pointers(folder, role)
     config_file = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(config_file):
         raise ModelNotFoundError(
@@ -121,6 +123,28 @@ def _load_folder(folder: str, role: str, kwargs: dict) -> nn.Module:
     if _config_format(config, config_file) == "timm":
         return timm.create_model(f"local-dir:{os.path.abspath(folder)}", pretrained=True, **kwargs)
     return _auto_model(folder, config, kwargs)
+
+
+#: The first line of a git-lfs pointer file, which a clone without git-lfs holds in place of each large file.
+LFS_POINTER_HEADER = b"version https://git-lfs.github.com/spec/v1"
+
+
+def _refuse_lfs_pointers(folder: str, role: str) -> None:
+    """Raise `ModelLoadError` if files of `folder` are git-lfs pointers: a clone without git-lfs holds these small
+    text files in place of the weights, which safetensors would report as "header too large"."""
+    pointers = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_file() and entry.stat().st_size < 1024:  # a pointer is about 130 bytes
+                with open(entry.path, "rb") as f:
+                    if f.read(len(LFS_POINTER_HEADER)) == LFS_POINTER_HEADER:
+                        pointers.append(entry.name)
+    if pointers:
+        raise ModelLoadError(
+            f"{role} folder {folder!r} holds git-lfs pointer files, not the files themselves "
+            f"({', '.join(sorted(pointers))}): it was cloned without git-lfs; run `git lfs pull` in {folder!r} "
+            "(after `git lfs install`)"
+        )
 
 
 def _load_hub_repo(repo_id: str, role: str, kwargs: dict) -> nn.Module:
