@@ -136,7 +136,7 @@ _REPLAY_FIX = (
 )
 
 
-def check_replayable(dataset: Any, probes: int = 4) -> None:
+def check_replayable(dataset: Any, probes: int = 8) -> None:
     """Refuse a training set whose items change from one read to the next: the cache stores the teacher's outputs on
     one read, and training would show the student another.
 
