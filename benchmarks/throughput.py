@@ -16,7 +16,9 @@ One run prints one table, a row per path and a column per batch size:
   with the Trainer's defaults otherwise (`--naive_workers` loader workers, 0 by default);
 - (e) `ClassificationTrainer`, the student alone, on the same fast path as (b);
 - (f) `DistillationTrainer` from a `TeacherCache` of R = 1, 4 and 10 views (`--cache_views`): no teacher forward;
-- (g) the cache-building pass, `TeacherCache.build` with R = 1, in teacher images/s;
+- (g) the cache-building pass, `TeacherCache.build` with R = 1, in teacher images/s; and, after the table, the build
+  with R = 2 over `--steps` batches' worth of views (teacher views/s), with the bytes one stored view takes with all
+  logits and with the top 10 (float16);
 - (h) `DistillationTrainer` with UNIX (`UncertaintyMixupCallback(select_ratio=0.75)`), with the scoring pass and with
   free scoring. Free scoring runs the pass in the first epoch only, so its warm-up covers one whole epoch. UNIX rows
   count every sample drawn, kept or not, so images/s is epochs' worth of data per second.
@@ -323,6 +325,38 @@ def cache_build(args, batch: int) -> float:
     return len(dataset) / (time.perf_counter() - start)
 
 
+def cache_build_rows(args, batch: int, num_views: int = 2, top_k: int = 10) -> dict[str, float]:
+    """The cache build at scale: teacher views/s of `TeacherCache.build` with `num_views` views per image over
+    `--steps` batches' worth of views, and the bytes one stored view takes with all logits (float16) and with the
+    `top_k` largest (float16 values, int32 classes), crop offsets and flip included."""
+    teacher, _ = models(args)
+    dataset = fast_dataset(args)
+    training_args = fast_args(args, batch)
+    n = max(1, min(len(dataset), args.steps * batch // num_views))
+    warm = torch.utils.data.Subset(dataset, range(min(batch, n)))
+    TeacherCache.build(teacher, warm, training_args, num_views=num_views, batch_size=batch)  # warm-up
+    synchronize(args.device)
+    start = time.perf_counter()
+    full = TeacherCache.build(
+        teacher, torch.utils.data.Subset(dataset, range(n)), training_args, num_views, batch_size=batch
+    )
+    synchronize(args.device)
+    seconds = time.perf_counter() - start
+    topk = TeacherCache.build(teacher, warm, training_args, num_views, top_k, batch_size=batch)
+
+    def bytes_per_view(cache: TeacherCache) -> float:
+        return sum(t.numel() * t.element_size() for t in cache.tensors().values()) / (len(cache) * cache.num_views)
+
+    return {
+        "images": n,
+        "views": num_views,
+        "seconds": seconds,
+        "views_per_s": n * num_views / seconds,
+        "bytes_per_view_full": bytes_per_view(full),
+        f"bytes_per_view_top{top_k}": bytes_per_view(topk),
+    }
+
+
 # ---- (d): the naive Trainer --------------------------------------------------------------------------------------
 class PILImageDataset(torch.utils.data.Dataset):
     """What a tutorial does: PIL images and torchvision transforms, one sample at a time, on the CPU."""
@@ -511,6 +545,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.benchmark = True
     results = run(args)
     print(render(results, args))
+    if not args.rows or any("(g)".startswith(prefix) or prefix.startswith("(g)") for prefix in args.rows):
+        print(f"\n(g) teacher cache build at scale ({NUM_CLASSES} classes, float16):\n")
+        print("| batch | images x views | seconds | teacher views/s | bytes per view, full | bytes per view, top-10 |")
+        print("|---|---|---|---|---|---|")
+        for batch in args.batch_sizes:
+            row = cache_build_rows(args, batch)
+            print(
+                f"| {batch} | {row['images']} x {row['views']} | {row['seconds']:.2f} | {row['views_per_s']:,.0f} | "
+                f"{row['bytes_per_view_full']:,.0f} | {row['bytes_per_view_top10']:,.0f} |"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": environment(args), "images_per_s": results}, f, indent=2)

@@ -15,19 +15,22 @@
   its accuracy on the first training batches (`TeacherAccuracyCheck`);
 - answers `logits(batch)`.
 
-`TeacherSource` is the interface the trainer relies on, two methods; anything else that produces teacher logits for a
-batch (a cache of precomputed logits, say) can stand in for a `Teacher` by implementing it.
+`TeacherSource` is the interface the trainer relies on: `bind(run)` once at construction (`DistillationRun` says
+what the run is), `prepare(accelerator)` on first use, `logits(batch)` per step, `describe()` for the model card.
+`Teacher` and `TeacherCache` (stored logits on replayed views) implement it; anything else that answers teacher logits
+for a batch can stand in for a `Teacher` by subclassing it.
 """
 
 from __future__ import annotations
 
+import abc
 import copy
 import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,6 +42,7 @@ __all__ = [
     "TeacherLoadError",
     "TeacherCheckError",
     "TeacherSource",
+    "DistillationRun",
     "Teacher",
     "ImageStats",
     "TeacherAccuracyCheck",
@@ -139,21 +143,60 @@ def _prepare_deepspeed_teacher(teacher: nn.Module, accelerator, plugin) -> nn.Mo
 
 
 # ---- the interface the trainer relies on ----------------------------------------------------------------------------
-@runtime_checkable
-class TeacherSource(Protocol):
-    """What `DistillationMixin` asks of a teacher: two methods.
+@dataclass(frozen=True)
+class DistillationRun:
+    """What a `TeacherSource` is told about the run it serves, by the trainer, once, in its `__init__`.
 
-    - `prepare(accelerator)`: called by the trainer on first use, once Accelerate is set up (not in `__init__`: the
-      Trainer prepares the student for `evaluate()` only while Accelerate holds no model). Idempotent.
-    - `logits(batch) -> Tensor`: the teacher's `(N, C)` logits for a batch dict (model inputs plus `labels` and the
-      other `LOSS_KEYS`), float, on the batch's device, with no gradient.
-
-    `Teacher` implements it around a live model; a cache of precomputed logits implements it the same way.
+    Attributes:
+        train_dataset: the training set as the user gave it (not the trainer's `SampleIndexDataset` wrapper).
+        num_classes: the classes the student predicts (None when the model does not say).
+        student_stats: the statistics the student's images are normalised with (None when unknown).
+        augment: the device augmentation the run would apply to each batch (`DeviceAugment`), or None.
+        callbacks: the trainer's callbacks.
+        seed: the run's seed (`args.seed`).
+        epoch: returns the current (fractional) epoch while training.
     """
 
-    def prepare(self, accelerator: Any) -> None: ...
+    train_dataset: Any
+    num_classes: int | None
+    student_stats: ImageStats | None
+    augment: Any
+    callbacks: tuple
+    seed: int
+    epoch: Callable[[], float | None]
 
+
+class TeacherSource(abc.ABC):
+    """What `DistillationMixin` asks of a teacher. `Teacher` (a live model) and `TeacherCache` (stored outputs)
+    implement it; subclass it to plug in any other source of teacher logits.
+
+    - `bind(run)`: called once by the trainer's `__init__`, before anything is trained or written. Check that the
+      source fits the run (`DistillationRun`), raising otherwise, and return the batch transform the trainer applies
+      to every batch on the device: `run.augment` unless the source needs another (a cache replays its stored views).
+    - `prepare(accelerator)`: called on first use, once Accelerate is set up (not in `__init__`: the Trainer prepares
+      the student for `evaluate()` only while Accelerate holds no model). Idempotent.
+    - `logits(batch) -> Tensor`: the teacher's `(N, C)` logits for a batch dict (model inputs plus `labels` and the
+      other `LOSS_KEYS`), float, on the batch's device, with no gradient.
+    - `describe() -> dict`: what the student's model card says about the source; `teacher` names the teacher.
+    - `answers_evaluation`: False when the source has outputs for training batches only (a cache of training views):
+      evaluation then computes the task loss alone.
+    - `reported_accuracy`: the accuracy the teacher's own card reports, for the trainer's accuracy check, or None.
+    """
+
+    answers_evaluation: bool = True
+    reported_accuracy: float | None = None
+
+    def bind(self, run: DistillationRun) -> Any:
+        return run.augment
+
+    def prepare(self, accelerator: Any) -> None:  # noqa: B027  (optional hook: nothing to do by default)
+        pass
+
+    @abc.abstractmethod
     def logits(self, batch: Mapping[str, Any]) -> torch.Tensor: ...
+
+    def describe(self) -> dict[str, Any]:
+        return {"teacher": type(self).__name__}
 
 
 # ---- input statistics -----------------------------------------------------------------------------------------------
@@ -172,6 +215,12 @@ class ImageStats:
                 f"image statistics need one mean and one std > 0 per channel; got mean={self.mean} std={self.std} "
                 f"(from {self.source})"
             )
+
+
+def _architecture(model: nn.Module) -> str | None:
+    """timm's architecture name of a model (`pretrained_cfg["architecture"]`), or None."""
+    cfg = getattr(unwrap(model), "pretrained_cfg", None)
+    return cfg.get("architecture") if isinstance(cfg, Mapping) else None
 
 
 def _model_name_or_path(model: nn.Module) -> str | None:
@@ -283,11 +332,20 @@ class TeacherAccuracyCheck:
       chance-level guesser on this many samples, or chance + 10% of the way to 1 when that is larger.
     - Far below the reported accuracy: more than max(0.2, 3 standard errors) below it.
 
-    With mixup batches (`mix_labels`, `mix_weights`), each sample counts against its dominant label.
+    With mixup batches (`mix_labels`, `mix_weights`), each sample counts against its dominant label. `scope` names
+    the checked samples in the message (`{n}` is their count); with `strict=False` the accuracy is measured and
+    returned without a verdict.
     """
 
-    def __init__(self, *, reported: float | None = None, hint: str = ""):
-        self.reported, self.hint = reported, hint
+    def __init__(
+        self,
+        *,
+        reported: float | None = None,
+        hint: str = "",
+        scope: str = "the first {n} training samples",
+        strict: bool = True,
+    ):
+        self.reported, self.hint, self.scope, self.strict = reported, hint, scope, strict
         self._correct: torch.Tensor | None = None
         self._label_counts: torch.Tensor | None = None
         self.samples = 0
@@ -341,9 +399,9 @@ class TeacherAccuracyCheck:
             margin = max(0.2, 3 * math.sqrt(self.reported * (1 - self.reported) / n))
             if accuracy < self.reported - margin:
                 problem = f"far below the {self.reported:.3f} its model card reports"
-        if problem is not None:
+        if problem is not None and self.strict:
             raise TeacherCheckError(
-                f"the teacher's accuracy on the first {n} training samples is {accuracy:.3f}, {problem}. It does "
+                f"the teacher's accuracy on {self.scope.format(n=n)} is {accuracy:.3f}, {problem}. It does "
                 "not understand what it is fed, and would distil noise. Likely causes: the input normalisation (the "
                 "teacher sees the student's normalised images; give the teacher's statistics with teacher_image_mean/"
                 "teacher_image_std, or the student's with image_mean/image_std), the label order (the dataset's class "
@@ -357,13 +415,13 @@ class TeacherAccuracyCheck:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class Teacher:
+class Teacher(TeacherSource):
     """A frozen teacher model that answers `logits(batch)`; see the module docstring.
 
     Args:
         model: an `nn.Module`, or a local folder, Hub id or timm name for `load_teacher`.
         name: how the model card names the teacher. Default: the string `model`, else the folder or Hub id it was
-            loaded from, else its class name.
+            loaded from, else its timm architecture, else its class name.
         image_mean, image_std: the teacher's input statistics when nothing attached to the model gives them.
         dtype: cast the teacher's weights (`"float32"`, `"bfloat16"`, `"float16"`); default: keep them.
         compile: `torch.compile` the teacher's forward when it is prepared.
@@ -396,7 +454,7 @@ class Teacher:
         if channels_last:
             self.module.to(memory_format=torch.channels_last)
         self.source = source or _model_name_or_path(module)
-        self.name = name or self.source or type(unwrap(module)).__name__
+        self.name = name or self.source or _architecture(module) or type(unwrap(module)).__name__
         self.keywords = takes_keywords(module)
         self.num_classes = num_classes(module)
         self.stats = image_stats(module, name_or_path=self.source, mean=image_mean, std=image_std)
@@ -410,6 +468,23 @@ class Teacher:
         self._checked_classes = False
         self._accelerator = None
         self._warned_stats = False
+
+    @classmethod
+    def from_args(cls, model: nn.Module | str | os.PathLike, args: Any, *, name: str | None = None) -> Teacher:
+        """The teacher as a run with these `DistillationArguments` uses it (`teacher_image_mean`/`teacher_image_std`,
+        `teacher_dtype`, `teacher_compile`, `channels_last`, `check_teacher_finite`, `teacher_image_size`; plain
+        `TrainingArguments` get the defaults). Online KD and the teacher cache both build their teacher here."""
+        return cls(
+            model,
+            name=name,
+            image_mean=getattr(args, "teacher_image_mean", None),
+            image_std=getattr(args, "teacher_image_std", None),
+            dtype=getattr(args, "teacher_dtype", None),
+            compile=getattr(args, "teacher_compile", False),
+            channels_last=getattr(args, "channels_last", False),
+            check_finite=getattr(args, "check_teacher_finite", True),
+            image_size=getattr(args, "teacher_image_size", None),
+        )
 
     def __repr__(self) -> str:
         stats = f"{self.stats.source}" if self.stats else "unknown"
@@ -430,6 +505,14 @@ class Teacher:
         self._renorm = input_normalization(stats, self.stats)
 
     # ---- TeacherSource ---------------------------------------------------------------------------------------------
+    def bind(self, run: DistillationRun) -> Any:
+        """Told what the student is fed and predicts (`expect_student`); the run's augmentation is kept."""
+        self.expect_student(run.student_stats, run.num_classes)
+        return run.augment
+
+    def describe(self) -> dict[str, Any]:
+        return {"teacher": self.name}
+
     def prepare(self, accelerator: Any) -> None:
         """Place and autocast the teacher under `accelerator` (once; see `prepare_teacher`)."""
         if self._accelerator is accelerator:

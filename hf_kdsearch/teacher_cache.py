@@ -10,20 +10,30 @@ teacher never runs again.
 ```python
 from hf_kdsearch import DistillationTrainer, TeacherCache
 
-cache = TeacherCache.build(teacher, train_dataset, args, num_views=4, top_k=None)   # one teacher pass
-cache.save_to_disk("cache/"); cache = TeacherCache.load_from_disk("cache/"); cache.push_to_hub("me/r56-views")
+cache = TeacherCache.build_or_load("cache/", teacher, train_dataset, args, num_views=4, student=student)
 trainer = DistillationTrainer(model=student, teacher_cache=cache, args=args, train_dataset=train_dataset)
 ```
 
+- The teacher runs through `Teacher`, as in online KD: the same re-normalisation from the student's statistics into
+  the teacher's, resize to `teacher_image_size`, dtype, autocast and device placement (`Teacher.from_args`).
+- The build measures the teacher's accuracy on every stored view against the labels and writes it to the card; a
+  teacher near chance or far below its model card is refused (`TeacherAccuracyCheck`) before anything is stored. A
+  training set whose items change between reads (a random host-side transform) is refused (`check_replayable`), and
+  so is a logit that is not finite once cast to `logits_dtype`.
+- Under `accelerate launch` with N processes each rank runs the teacher on its share of the batches (batch b on rank
+  b mod N); the shares are gathered, so every rank holds the whole cache, equal bit for bit to a 1-process build.
+  `build_or_load` writes it once (the main process, atomically) and reuses a matching one without a teacher forward.
 - The cache is a `datasets.Dataset` (`cache.dataset`), one row per training sample: `crop` (R, 2) int16 offsets,
   `flip` (R,) bool, and `logits` (R, C) float16 (or float32), or `topk_values` (R, k) float16 and `topk_indices`
-  (R, k) int32. `cache.info` is its card: the teacher, R, the augmentation, k, the dataset's size and fingerprint.
+  (R, k) int32. `cache.info` is its card: the teacher and its weights' fingerprint, R, the augmentation, k, the
+  teacher's measured accuracy, the dataset's size and fingerprint.
 - `args` (`DistillationArguments`) defines the augmentation, as on the device data path: with `device_augment=True`
   a view is a random crop of `augment_padding` and a flip if `augment_flip`; without it, the only view is the image as
   the dataset holds it (`num_views=1`).
-- Training: `DistillationTrainer` wraps the training set so that every batch carries `sample_index`; the view of
-  sample i in epoch e is `view_ids(e)[i]`, drawn from `args.seed` and e alone, so gradient accumulation, DDP (each
-  rank looks up its own samples) and resuming from a checkpoint all see the same views.
+- Training: `TeacherCache` is a `TeacherSource`. `DistillationTrainer` binds it to the run (`bind`: the dataset, class
+  count, augmentation and callbacks must fit) and wraps the training set so that every batch carries `sample_index`;
+  the view of sample i in epoch e is `view_ids(e)[i]`, drawn from `args.seed` and e alone, so gradient accumulation,
+  DDP (each rank looks up its own samples) and resuming from a checkpoint all see the same views.
 - With `top_k=k < C` the teacher's distribution is truncated to its k largest logits and renormalised over them (the
   others get probability 0); with k = C it is exact.
 """
@@ -32,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -43,21 +54,37 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .atomic import atomic_folder
-from .batch import forward_model, logits_of, num_classes
+from .batch import num_classes
 from .data import collate_tensor_batch
 from .fastpath import DeviceAugment, SampleIndexDataset, draw_crop_flip
-from .teacher import freeze_teacher, load_teacher
+from .teacher import DistillationRun, ImageStats, Teacher, TeacherAccuracyCheck, TeacherSource, image_stats
 
-__all__ = ["TeacherCache", "CachedTeacher", "TeacherCacheError", "dataset_fingerprint"]
+__all__ = ["TeacherCache", "CachedTeacher", "TeacherCacheError", "check_replayable", "dataset_fingerprint"]
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 INFO_FILE = "teacher_cache.json"
 #: Logits outside the stored top k sit this far below the k-th largest: probability 0 at any usual temperature.
 TOPK_GAP = 1e4
+#: What `build_or_load` compares between a cache on disk and the run before reusing it.
+MATCHED_KEYS = (
+    "teacher",
+    "teacher_fingerprint",
+    "teacher_image_size",
+    "num_views",
+    "top_k",
+    "logits_dtype",
+    "augmentation",
+    "num_classes",
+    "num_samples",
+    "dataset_fingerprint",
+)
 
 
 class TeacherCacheError(ValueError):
-    """The cache does not fit the run (other dataset, class count, augmentation) or is incomplete."""
+    """The cache does not fit the run (other dataset, class count, augmentation), is incomplete, or cannot be built
+    (a dataset that cannot be replayed, logits out of the storage dtype's range)."""
 
 
 def dataset_fingerprint(dataset: Any) -> str:
@@ -72,8 +99,7 @@ def dataset_fingerprint(dataset: Any) -> str:
     digest = hashlib.sha256()
     if isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor):
         for t in (images, labels):
-            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            _hash_tensor(digest, t)
         return "sha256:" + digest.hexdigest()
     if isinstance(getattr(dataset, "_fingerprint", None), str):
         return "datasets:" + dataset._fingerprint
@@ -85,98 +111,273 @@ def dataset_fingerprint(dataset: Any) -> str:
     return "items:" + digest.hexdigest()
 
 
-def _run_teacher_on_views(
-    teacher: nn.Module,
+def _hash_tensor(digest: Any, t: torch.Tensor) -> None:
+    digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _teacher_fingerprint(module: nn.Module) -> str:
+    """SHA-256 of the teacher's parameters and buffers (BatchNorm's step counters aside, which its outputs ignore):
+    two teachers of one architecture are told apart."""
+    digest = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        if name.endswith("num_batches_tracked"):
+            continue
+        digest.update(name.encode())
+        _hash_tensor(digest, t)
+    return "sha256:" + digest.hexdigest()
+
+
+# ---- what can be replayed -------------------------------------------------------------------------------------------
+_REPLAY_FIX = (
+    "Move the random augmentation to the device (device_augment=True with augment_padding/augment_flip: the cache "
+    "stores each view's parameters and training replays them), apply a deterministic transform once with "
+    "Dataset.map, or distil online (teacher_model=), where teacher and student see each fresh view together."
+)
+
+
+def check_replayable(dataset: Any, probes: int = 8) -> None:
+    """Refuse a training set whose items change from one read to the next: the cache stores the teacher's outputs on
+    one read, and training would show the student another.
+
+    A `datasets.Dataset` with a transform applied at every read (`with_transform`, `set_transform`) is refused as
+    such; any dataset has `probes` items, spread over it, read twice and compared. Raises `TeacherCacheError`.
+    """
+    dataset = dataset.dataset if isinstance(dataset, SampleIndexDataset) else dataset
+    fmt = getattr(dataset, "format", None)
+    if isinstance(fmt, Mapping) and fmt.get("type") == "custom":
+        transform = (fmt.get("format_kwargs") or {}).get("transform")
+        name = getattr(transform, "__name__", type(transform).__name__)
+        raise TeacherCacheError(
+            f"the training set is a datasets.Dataset with a transform ({name}, set by with_transform or "
+            "set_transform) that runs at every read, so the images the teacher is run on now need not be the ones "
+            "the student is shown later: a teacher cache cannot replay them. " + _REPLAY_FIX
+        )
+    n = len(dataset)
+    for i in sorted({round(k * (n - 1) / max(probes - 1, 1)) for k in range(probes)}):
+        if not _same(dataset[i], dataset[i]):
+            raise TeacherCacheError(
+                f"the training set returned different items for index {i} on two reads (a random transform on the "
+                "host?), so the stored teacher outputs would belong to other images than the student sees: a "
+                "teacher cache cannot replay it. " + _REPLAY_FIX
+            )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Mapping) or isinstance(b, Mapping):
+        return (
+            isinstance(a, Mapping)
+            and isinstance(b, Mapping)
+            and a.keys() == b.keys()
+            and all(_same(a[k], b[k]) for k in a)
+        )
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().numpy()
+    if isinstance(b, torch.Tensor):
+        b = b.detach().cpu().numpy()
+    try:
+        return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+    except ValueError:  # ragged nested lists
+        return bool(a == b)
+
+
+# ---- building -------------------------------------------------------------------------------------------------------
+def _plan(
+    teacher: Any,
     train_dataset: Any,
-    collate: Callable,
-    batch_size: int,
+    args: Any,
     num_views: int,
+    top_k: int | None,
+    *,
+    student: nn.Module | None,
+    logits_dtype: str,
+    teacher_name: str | None,
+    seed: int | None,
+) -> tuple[Teacher, DeviceAugment | None, dict[str, Any]]:
+    """The `Teacher` as online KD would run it, the views' augmentation, and the card of the cache to build (without
+    what only the teacher pass tells: the accuracy; `num_classes` when the teacher does not say)."""
+    if not (isinstance(num_views, int) and num_views >= 1):
+        raise ValueError(f"num_views must be an int >= 1, got {num_views!r}")
+    if logits_dtype not in ("float16", "float32"):
+        raise ValueError(f"logits_dtype must be 'float16' or 'float32', got {logits_dtype!r}")
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+        raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+    source = teacher if isinstance(teacher, Teacher) else Teacher.from_args(teacher, args, name=teacher_name)
+    augment = DeviceAugment.from_args(args, student if student is not None else source.module)
+    if augment is None and num_views > 1:
+        raise ValueError(
+            f"num_views={num_views} needs random views, but args.device_augment is off, so every view would be the "
+            "same image: use num_views=1, or device_augment=True (uint8 images, crop and flip on the device)"
+        )
+    if augment is not None and augment.padding == 0 and not augment.flip and num_views > 1:
+        raise ValueError(f"num_views={num_views} but the augmentation draws nothing (augment_padding=0, no flip)")
+    # What the student is fed, as the trainer reads it: explicit image_mean/image_std, else the student's own.
+    mean, std = getattr(args, "image_mean", None), getattr(args, "image_std", None)
+    if student is not None:
+        stats = image_stats(student, mean=mean, std=std)
+    elif mean is not None and std is not None:
+        stats = ImageStats(tuple(map(float, mean)), tuple(map(float, std)), "explicit arguments")
+    elif augment is not None:
+        stats = ImageStats(augment.mean, augment.std, "the device augmentation's normalisation")
+    else:
+        stats = None
+    source.expect_student(stats, num_classes(student) if student is not None else None)
+    size = source.image_size
+    info = {
+        "format_version": FORMAT_VERSION,
+        "teacher": teacher_name or source.name,
+        "teacher_fingerprint": _teacher_fingerprint(source.module),
+        "teacher_image_size": [size] if isinstance(size, int) else list(size) if size else None,
+        "num_views": num_views,
+        "num_samples": len(train_dataset),
+        "num_classes": source.num_classes,
+        "top_k": top_k,
+        "logits_dtype": logits_dtype,
+        "augmentation": augment.augmentation if augment is not None else None,
+        "image_mean": list(augment.mean) if augment is not None else None,
+        "image_std": list(augment.std) if augment is not None else None,
+        "dataset_fingerprint": dataset_fingerprint(train_dataset),
+        "seed": args.seed if seed is None else seed,
+    }
+    return source, augment, info
+
+
+def _teacher_pass(
+    source: Teacher,
+    train_dataset: Any,
+    args: Any,
     augment: DeviceAugment | None,
-    generator: torch.Generator,
-    autocast: torch.dtype | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The teacher's float32 logits `(N, R, C)` on `num_views` random views of every sample, with the views' crop
-    offsets `(N, R, 2)` and flips `(N, R)`, all on the CPU. One pass with a progress bar; no host sync per batch."""
+    num_views: int,
+    seed: int,
+    batch_size: int,
+    collate: Callable,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Crop offsets `(N, R, 2)` int16, flips `(N, R)`, the teacher's float32 logits `(N, R, C)` and the labels `(N,)`,
+    all on the CPU and on every rank.
+
+    The views are drawn up front on the CPU from `seed` alone, so they do not depend on the device or the number of
+    processes. Batch b (samples `[b * batch_size, (b + 1) * batch_size)`) runs on rank `b % world_size`, the same
+    batches in any launch, so the logits are those of a 1-process build bit for bit. No host sync per batch.
+    """
+    from accelerate import Accelerator
+
+    _ = args.device  # TrainingArguments set up Accelerate's state here; the trainer's Accelerator then agrees with ours
+    accelerator = Accelerator(
+        mixed_precision=getattr(args, "mixed_precision", None) or "no", cpu=bool(getattr(args, "use_cpu", False))
+    )
+    source.prepare(accelerator)
+    device = accelerator.device
     n = len(train_dataset)
-    device = generator.device
-    crops, flips, outs = [], [], []
-    num_batches = -(-n // batch_size)
-    with tqdm(total=num_batches * num_views, desc="teacher cache", unit="batch") as bar:
-        for batch in _batches(train_dataset, batch_size, collate):
+    crops = flips = None
+    if augment is not None:
+        generator = torch.Generator().manual_seed(int(seed))
+        offsets, mirror = draw_crop_flip(n * num_views, augment.padding, augment.flip, generator=generator)
+        crops = offsets.view(n, num_views, 2).to(torch.int16) if offsets is not None else None
+        flips = mirror.view(n, num_views) if mirror is not None else None
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = range(rank, -(-n // batch_size), world)
+    outs = []
+    bar = tqdm(total=len(mine) * num_views, desc="teacher cache", unit="batch", disable=not accelerator.is_main_process)
+    with bar:
+        for b in mine:
+            lo, hi = b * batch_size, min((b + 1) * batch_size, n)
+            batch = _batch(train_dataset, list(range(lo, hi)), collate)
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            b = batch["pixel_values"].shape[0]
-            crop = torch.zeros(b, num_views, 2, dtype=torch.int16, device=device)
-            flip = torch.zeros(b, num_views, dtype=torch.bool, device=device)
             views = []
             for r in range(num_views):
+                inputs = batch
                 if augment is not None:
-                    offsets, mirror = draw_crop_flip(
-                        b, augment.padding, augment.flip, device=device, generator=generator
-                    )
-                    if offsets is not None:
-                        crop[:, r] = offsets.to(torch.int16)
-                    if mirror is not None:
-                        flip[:, r] = mirror
+                    offsets = crops[lo:hi, r].to(device) if crops is not None else None
+                    mirror = flips[lo:hi, r].to(device) if flips is not None else None
                     inputs = augment.replay(batch, offsets, mirror)
-                else:
-                    inputs = batch
-                with (
-                    torch.no_grad(),
-                    torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None),
-                ):
-                    logits = logits_of(forward_model(teacher, inputs)).float()
-                views.append(logits)  # kept on the device: no host sync per batch
+                views.append(source.logits(inputs).float())  # kept on the device: no host sync per batch
                 bar.update(1)
-            crops.append(crop)
-            flips.append(flip)
-            outs.append(torch.stack(views, dim=1))  # (b, R, C)
-    return torch.cat(crops).cpu(), torch.cat(flips).cpu(), torch.cat(outs).cpu()
+            labels = batch.get("labels")
+            labels = labels if isinstance(labels, torch.Tensor) and labels.ndim == 1 else None
+            outs.append((b, torch.stack(views, dim=1), labels))
+    shards = [(b, v.cpu(), y.cpu() if y is not None else None) for b, v, y in outs]
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        shards = gather_object(shards)
+    shards.sort(key=lambda shard: shard[0])
+    logits = torch.cat([v for _, v, _ in shards])
+    labels = None if any(y is None for _, _, y in shards) else torch.cat([y for _, _, y in shards])
+    return crops, flips, logits, labels
 
 
-def _batches(dataset: Any, batch_size: int, collate: Callable) -> Any:
-    n = len(dataset)
-    for start in range(0, n, batch_size):
-        indices = list(range(start, min(start + batch_size, n)))
-        getitems = getattr(dataset, "__getitems__", None)
-        batch = getitems(indices) if getitems is not None else [dataset[i] for i in indices]
-        yield dict(batch) if isinstance(batch, Mapping) else collate(batch)
+def _batch(dataset: Any, indices: list[int], collate: Callable) -> dict[str, Any]:
+    getitems = getattr(dataset, "__getitems__", None)
+    batch = getitems(indices) if getitems is not None else [dataset[i] for i in indices]
+    return dict(batch) if isinstance(batch, Mapping) else collate(batch)
 
 
-def _teacher_name(teacher: Any) -> str:
-    if isinstance(teacher, str):
-        return teacher
-    cfg = getattr(teacher, "pretrained_cfg", None) or {}
-    return cfg.get("architecture") or type(teacher).__name__
+def _measured_accuracy(source: Teacher, logits: torch.Tensor, labels: torch.Tensor | None, args: Any) -> float | None:
+    """The teacher's top-1 accuracy on every stored view; `TeacherCheckError` when near chance or far below its card
+    (unless `args.check_teacher_accuracy` is False, which measures without judging)."""
+    if labels is None or labels.is_floating_point():
+        return None
+    n, r, c = logits.shape
+    check = TeacherAccuracyCheck(
+        reported=source.reported_accuracy,
+        scope=f"all {{n}} stored views ({r} per sample)",
+        strict=bool(getattr(args, "check_teacher_accuracy", True)),
+        hint=" Nothing was stored: the cache was not built.",
+    )
+    batch = {"labels": labels.repeat_interleave(r)}
+    flat = logits.reshape(n * r, c)
+    if not check.applies_to(flat, batch):
+        return None
+    check.update(flat, batch)
+    return check.result()
 
 
-class TeacherCache:
+def _cast(values: torch.Tensor, dtype: str, what: str) -> np.ndarray:
+    stored = values.to(torch.float16 if dtype == "float16" else torch.float32)
+    bad = int((~torch.isfinite(stored)).sum())
+    if bad:
+        raise TeacherCacheError(
+            f"{bad} of {stored.numel()} stored {what} are not finite after the cast to logits_dtype={dtype!r}: the "
+            f"teacher's logits reach {float(values.abs().max()):.6g}, beyond the float16 range (65504). Build the "
+            "cache with logits_dtype='float32'."
+        )
+    return stored.numpy()
+
+
+class TeacherCache(TeacherSource):
     """The teacher's logits on `num_views` stored augmented views of every training sample; see the module docstring.
 
-    Build it with `TeacherCache.build`, reload it with `load_from_disk` / `load_from_hub`, and pass it to
-    `DistillationTrainer(teacher_cache=...)` instead of a teacher.
+    Build it with `TeacherCache.build` (or `build_or_load`), reload it with `load_from_disk` / `load_from_hub`, and
+    pass it to `DistillationTrainer(teacher_cache=...)` instead of a teacher.
 
     Attributes:
         dataset: the `datasets.Dataset`, one row per training sample.
-        info: the card: `teacher`, `num_views`, `num_samples`, `num_classes`, `top_k`, `logits_dtype`,
-            `augmentation` (`{"padding", "flip"}` or None), `dataset_fingerprint`, `seed`, `format_version`.
+        info: the card: `teacher`, `teacher_fingerprint`, `teacher_image_size`, `num_views`, `num_samples`,
+            `num_classes`, `top_k`, `logits_dtype`, `augmentation` (`{"padding", "flip"}` or None), `image_mean`,
+            `image_std`, `teacher_accuracy` (on every stored view), `dataset_fingerprint`, `seed`, `format_version`.
     """
+
+    #: Stored outputs exist for the training views only: evaluation computes the task loss alone.
+    answers_evaluation = False
 
     def __init__(self, dataset: Any, info: dict[str, Any]):
         self.dataset = dataset
         self.info = dict(info)
         self._check_columns()
         self._tensors: dict[str, torch.Tensor] | None = None
+        self._replay: CachedTeacher | None = None
 
     # ---- building --------------------------------------------------------------------------------------------------
     @classmethod
     def build(
         cls,
-        teacher: nn.Module | str,
+        teacher: nn.Module | str | Teacher,
         train_dataset: Any,
         args: Any,
         num_views: int = 4,
         top_k: int | None = None,
         *,
+        student: nn.Module | None = None,
         batch_size: int | None = None,
         logits_dtype: str = "float16",
         data_collator: Callable | None = None,
@@ -185,81 +386,148 @@ class TeacherCache:
     ) -> TeacherCache:
         """Run the teacher once over `num_views` random views of every sample of `train_dataset`, with a progress bar.
 
+        Under `accelerate launch` with several processes, each runs its share of the batches and all get the whole
+        cache. Nothing is written to disk (`save_to_disk`, or `build_or_load`).
+
         Args:
-            teacher: an `nn.Module`, a local folder, a Hub id or a timm name (as `DistillationTrainer` takes).
-            train_dataset: the training set, in the order training will index it (map-style).
+            teacher: an `nn.Module`, a local folder, a Hub id or a timm name (as `DistillationTrainer` takes), or a
+                `Teacher`. It is run through `Teacher.from_args(teacher, args)`, exactly as online KD runs it.
+            train_dataset: the training set, in the order training will index it (map-style), replayable: an item
+                read twice is the same (`check_replayable`).
             args: the run's `DistillationArguments`: `device_augment`, `augment_padding`, `augment_flip`,
-                `image_mean`/`image_std` (default: the teacher's `pretrained_cfg`), `bf16`/`fp16`, `seed`, device.
+                `image_mean`/`image_std` (default: the student's, else the teacher's `pretrained_cfg`), the teacher's
+                settings (`teacher_image_mean`/`teacher_image_std`, `teacher_image_size`, `teacher_dtype`), `bf16`/
+                `fp16`, `check_teacher_accuracy`, `seed`, device.
             num_views: R, the views stored per sample; 1 without augmentation.
             top_k: store the k largest logits and their classes instead of all C; None stores all.
+            student: the student, when it is at hand: its statistics and class count, as the trainer reads them.
             batch_size: images per teacher forward; default the larger of the train and eval batch sizes.
             logits_dtype: `"float16"` (default, half the memory) or `"float32"`, for stored logits and top-k values.
             data_collator: turns a list of items into a batch dict; default: stack tensors.
-            teacher_name: the teacher as the card names it; default the string given or the timm architecture.
+            teacher_name: the teacher as the card names it; default `Teacher.name` (the string given, the folder or
+                Hub id it was loaded from, or the timm architecture).
             seed: seed of the views' parameters; default `args.seed`.
-        """
-        if not (isinstance(num_views, int) and num_views >= 1):
-            raise ValueError(f"num_views must be an int >= 1, got {num_views!r}")
-        if logits_dtype not in ("float16", "float32"):
-            raise ValueError(f"logits_dtype must be 'float16' or 'float32', got {logits_dtype!r}")
-        name = teacher_name or _teacher_name(teacher)
-        teacher = load_teacher(teacher) if isinstance(teacher, str) else teacher
-        freeze_teacher(teacher)
-        augment = DeviceAugment.from_args(args, teacher)
-        if augment is None and num_views > 1:
-            raise ValueError(
-                f"num_views={num_views} needs random views, but args.device_augment is off, so every view would be the "
-                "same image: use num_views=1, or device_augment=True (uint8 images, crop and flip on the device)"
-            )
-        if augment is not None and augment.padding == 0 and not augment.flip and num_views > 1:
-            raise ValueError(f"num_views={num_views} but the augmentation draws nothing (augment_padding=0, no flip)")
-        device = args.device
-        teacher.to(device)
-        if getattr(args, "channels_last", False):
-            teacher.to(memory_format=torch.channels_last)
-        autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
-        batch_size = batch_size or max(args.per_device_train_batch_size, args.per_device_eval_batch_size)
-        collate = data_collator or collate_tensor_batch
-        generator = torch.Generator(device=device).manual_seed(args.seed if seed is None else seed)
-        store_dtype = torch.float16 if logits_dtype == "float16" else torch.float32
 
-        crops, flips, logits = _run_teacher_on_views(
-            teacher, train_dataset, collate, batch_size, num_views, augment, generator, autocast
+        Raises `TeacherCheckError` (a teacher near chance or far below its card), `TeacherCacheError` (a dataset that
+        cannot be replayed, logits beyond `logits_dtype`) and `FloatingPointError` (non-finite logits).
+        """
+        plan = _plan(
+            teacher,
+            train_dataset,
+            args,
+            num_views,
+            top_k,
+            student=student,
+            logits_dtype=logits_dtype,
+            teacher_name=teacher_name,
+            seed=seed,
+        )
+        return cls._build(*plan, train_dataset, args, batch_size, data_collator)
+
+    @classmethod
+    def build_or_load(
+        cls,
+        path: str | os.PathLike,
+        teacher: nn.Module | str | Teacher,
+        train_dataset: Any,
+        args: Any,
+        num_views: int = 4,
+        top_k: int | None = None,
+        **kwargs: Any,
+    ) -> TeacherCache:
+        """The cache at `path` when it was built for this run (read without any teacher forward), else one built
+        with `build(...)` and saved there, atomically, by the main process.
+
+        A cache at `path` built for something else (another teacher or teacher weights, R, k, dtype, augmentation,
+        class count or dataset: `MATCHED_KEYS`) is refused with a `TeacherCacheError` naming both values, before
+        anything is trained. Takes `build`'s arguments.
+        """
+        path = os.path.abspath(os.fspath(path))
+        source, augment, info = _plan(
+            teacher,
+            train_dataset,
+            args,
+            num_views,
+            top_k,
+            student=kwargs.pop("student", None),
+            logits_dtype=kwargs.pop("logits_dtype", "float16"),
+            teacher_name=kwargs.pop("teacher_name", None),
+            seed=kwargs.pop("seed", None),
+        )
+        if os.path.isfile(os.path.join(path, INFO_FILE)):
+            cache = cls.load_from_disk(path)
+            cache.check_matches(info, where=path)
+            logger.info("reusing the teacher cache at %s: %r", path, cache)
+            return cache
+        cache = cls._build(source, augment, info, train_dataset, args, kwargs.pop("batch_size", None), **kwargs)
+        from accelerate import PartialState
+
+        state = PartialState()
+        if state.is_main_process:
+            cache.save_to_disk(path)
+        state.wait_for_everyone()
+        return cache
+
+    @classmethod
+    def _build(
+        cls,
+        source: Teacher,
+        augment: DeviceAugment | None,
+        info: dict[str, Any],
+        train_dataset: Any,
+        args: Any,
+        batch_size: int | None = None,
+        data_collator: Callable | None = None,
+    ) -> TeacherCache:
+        check_replayable(train_dataset)
+        num_views, top_k, logits_dtype = info["num_views"], info["top_k"], info["logits_dtype"]
+        batch_size = batch_size or max(args.per_device_train_batch_size, args.per_device_eval_batch_size)
+        crops, flips, logits, labels = _teacher_pass(
+            source,
+            train_dataset,
+            args,
+            augment,
+            num_views,
+            info["seed"],
+            batch_size,
+            data_collator or collate_tensor_batch,
         )
         if not torch.isfinite(logits).all():
             raise FloatingPointError(
                 "the teacher returned non-finite logits while building the cache; check its weights, its input "
-                "normalisation (image_mean/image_std) and its precision"
+                "normalisation (image_mean/image_std, teacher_image_mean/teacher_image_std) and its precision"
             )
-        num_classes = logits.shape[-1]
-        if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= num_classes):
-            raise ValueError(f"top_k must be an int in [1, {num_classes}] (the teacher's classes) or None, got {top_k}")
+        classes = logits.shape[-1]
+        if top_k is not None and top_k > classes:
+            raise ValueError(f"top_k must be an int in [1, {classes}] (the teacher's classes) or None, got {top_k}")
+        accuracy = _measured_accuracy(source, logits, labels, args)
         columns: dict[str, np.ndarray] = {}
-        if augment is not None and augment.padding > 0:
+        if crops is not None:
             columns["crop"] = crops.numpy()
-        if augment is not None and augment.flip:
+        if flips is not None:
             columns["flip"] = flips.numpy()
         if top_k is None:
-            columns["logits"] = logits.to(store_dtype).numpy()
+            columns["logits"] = _cast(logits, logits_dtype, "logits")
         else:
             values, indices = logits.topk(top_k, dim=-1)
-            columns["topk_values"] = values.to(store_dtype).numpy()
+            columns["topk_values"] = _cast(values, logits_dtype, "top-k logits")
             columns["topk_indices"] = indices.to(torch.int32).numpy()
-        info = {
-            "format_version": FORMAT_VERSION,
-            "teacher": name,
-            "num_views": num_views,
-            "num_samples": len(train_dataset),
-            "num_classes": num_classes,
-            "top_k": top_k,
-            "logits_dtype": logits_dtype,
-            "augmentation": augment.augmentation if augment is not None else None,
-            "image_mean": list(augment.mean) if augment is not None else None,
-            "image_std": list(augment.std) if augment is not None else None,
-            "dataset_fingerprint": dataset_fingerprint(train_dataset),
-            "seed": args.seed if seed is None else seed,
-        }
-        return cls(_to_dataset(columns), info)
+        return cls(_to_dataset(columns), {**info, "num_classes": classes, "teacher_accuracy": accuracy})
+
+    def check_matches(self, expected: Mapping[str, Any], where: str = "") -> None:
+        """Raise `TeacherCacheError` naming every key of `MATCHED_KEYS` where this cache's card differs from
+        `expected` (a card `build` would write for the run); a None expectation is not compared."""
+        differ = [
+            f"{key}: the cache has {self.info.get(key)!r}, this run {expected[key]!r}"
+            for key in MATCHED_KEYS
+            if expected.get(key) is not None and _canonical(self.info.get(key)) != _canonical(expected[key])
+        ]
+        if differ:
+            raise TeacherCacheError(
+                f"the teacher cache {'at ' + repr(where) + ' ' if where else ''}was built for another run ("
+                + "; ".join(differ)
+                + "). Pass another cache path, or delete that folder to rebuild it."
+            )
 
     # ---- what it holds -----------------------------------------------------------------------------------------------
     @property
@@ -281,7 +549,8 @@ class TeacherCache:
         k = f"top-{self.top_k}" if self.top_k else f"all {self.num_classes} classes"
         return (
             f"TeacherCache(teacher={self.info['teacher']!r}, samples={len(self)}, views={self.num_views}, {k}, "
-            f"augmentation={self.info['augmentation']})"
+            f"augmentation={self.info['augmentation']}, "
+            f"teacher accuracy on the stored views={_accuracy_text(self.info.get('teacher_accuracy'))})"
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -328,6 +597,7 @@ class TeacherCache:
             ("classes", info["num_classes"]),
             ("dataset fingerprint", f"`{info['dataset_fingerprint']}`"),
             ("seed of the views", info["seed"]),
+            ("teacher accuracy on every stored view", _accuracy_text(info.get("teacher_accuracy"))),
         ]
         table = "\n".join(f"| {k} | {v} |" for k, v in rows)
         return (
@@ -420,18 +690,17 @@ class TeacherCache:
         folder = snapshot_download(repo_id, repo_type="dataset", revision=revision, token=token)
         return cls.load_from_disk(folder)
 
-    # ---- training ----------------------------------------------------------------------------------------------------
-    def for_trainer(self, trainer: Any) -> CachedTeacher:
-        """The `CachedTeacher` a `DistillationTrainer` uses, after checking that the cache fits its run.
+    # ---- TeacherSource: training from the cache ---------------------------------------------------------------------
+    def bind(self, run: DistillationRun) -> _ReplayAugment:
+        """Check that the cache fits the run, and return the batch transform that replays its stored views.
 
         Raises `TeacherCacheError`, before anything is trained or written, when the training set differs in size or
         content, the student predicts another number of classes, or the run's augmentation is not the cache's; and
         when a callback that mixes or re-draws the inputs (UNIX) is present.
         """
-        dataset = trainer.train_dataset
+        dataset = run.train_dataset
         if dataset is None:
             raise TeacherCacheError("teacher_cache= needs the train_dataset it was built on")
-        dataset = dataset.dataset if isinstance(dataset, SampleIndexDataset) else dataset
         if len(dataset) != self.info["num_samples"]:
             raise TeacherCacheError(
                 f"the teacher cache was built on {self.info['num_samples']} samples but the training set has "
@@ -443,25 +712,55 @@ class TeacherCache:
                 f"the teacher cache was built on another dataset of the same size (fingerprint "
                 f"{self.info['dataset_fingerprint']}, this training set {fingerprint}). Build a cache for this one."
             )
-        classes = num_classes(trainer.model)
-        if classes is not None and classes != self.num_classes:
+        if run.num_classes is not None and run.num_classes != self.num_classes:
             raise TeacherCacheError(
-                f"the teacher cache holds logits over {self.num_classes} classes but the student predicts {classes}"
+                f"the teacher cache holds logits over {self.num_classes} classes but the student predicts "
+                f"{run.num_classes}"
             )
-        run = trainer.device_augment.augmentation if trainer.device_augment is not None else None
-        if run != self.info["augmentation"]:
+        augmentation = run.augment.augmentation if run.augment is not None else None
+        if augmentation != self.info["augmentation"]:
             raise TeacherCacheError(
-                f"the run's augmentation {run} is not the cache's {self.info['augmentation']}: the student would see "
-                "other images than the teacher did. Set device_augment/augment_padding/augment_flip as when the "
-                "cache was built, or build a cache for these settings."
+                f"the run's augmentation {augmentation} is not the cache's {self.info['augmentation']}: the student "
+                "would see other images than the teacher did. Set device_augment/augment_padding/augment_flip as "
+                "when the cache was built, or build a cache for these settings."
             )
-        mixers = [type(cb).__name__ for cb in trainer.callback_handler.callbacks if not _cache_compatible(cb)]
+        mixers = [type(cb).__name__ for cb in run.callbacks if not _cache_compatible(cb)]
         if mixers:
             raise TeacherCacheError(
                 f"{', '.join(mixers)} mixes or re-draws the training images, so the stored teacher outputs would not "
                 "match them: a teacher cache cannot be used with it. Pass teacher_model= instead."
             )
-        return CachedTeacher(self, seed=trainer.args.seed)
+        self._replay = CachedTeacher(self, seed=run.seed)
+        return self._replay.replay_augment(run.augment, run.epoch)
+
+    def prepare(self, accelerator: Any) -> None:
+        """Move the stored tables to the accelerator's device (once)."""
+        self._bound().prepare(accelerator)
+
+    def logits(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The stored logits of the batch's samples (`sample_index`) and replayed views (`view_index`), float32."""
+        return self._bound().logits(batch)
+
+    def describe(self) -> dict[str, Any]:
+        """For the student's card: the cache's teacher, and `teacher_cache` (R, k, dtype, measured accuracy, data)."""
+        keys = ("num_views", "top_k", "logits_dtype", "teacher_accuracy", "num_samples", "dataset_fingerprint")
+        return {"teacher": self.info["teacher"], "teacher_cache": {k: self.info.get(k) for k in keys}}
+
+    def _bound(self) -> CachedTeacher:
+        if self._replay is None:
+            raise RuntimeError(
+                "this TeacherCache is not bound to a run; DistillationTrainer(teacher_cache=...) binds it"
+            )
+        return self._replay
+
+
+def _canonical(value: Any) -> Any:
+    """JSON's view of a value (tuples become lists), so a card read from disk compares equal to a fresh one."""
+    return json.loads(json.dumps(value))
+
+
+def _accuracy_text(accuracy: float | None) -> str:
+    return "not measured (no integer labels)" if accuracy is None else f"{accuracy:.4f}"
 
 
 def _cache_compatible(callback: Any) -> bool:

@@ -40,7 +40,7 @@ from .batch import LOSS_KEYS, batch_size, forward_model, logits_of, num_classes,
 from .fastpath import SampleIndexDataset, setup_fast_path
 from .gates import gate_parameter_names
 from .losses import kd_loss, mixed_cross_entropy
-from .teacher import Teacher, TeacherAccuracyCheck, TeacherSource, image_stats
+from .teacher import DistillationRun, Teacher, TeacherAccuracyCheck, TeacherSource, image_stats
 
 __all__ = [
     "LossMetricsMixin",
@@ -300,8 +300,10 @@ class DistillationMixin(LossMetricsMixin):
 
     - `teacher_model`: an `nn.Module`, a local folder, a Hub id or a timm name; default:
       `args.teacher_model_name_or_path`;
-    - `teacher_cache`: anything implementing `TeacherSource` (`prepare(accelerator)`, `logits(batch)`) that answers
-      in the teacher's place, e.g. a cache of precomputed logits.
+    - `teacher_cache`: a `TeacherSource` that answers in the teacher's place: a `TeacherCache` (the teacher's stored
+      outputs on replayed views), a prepared `Teacher`, or a subclass of your own. The trainer calls its `bind(run)`
+      once here (it checks that the source fits the run and returns the batch transform), then `prepare(accelerator)`
+      and `logits(batch)`.
 
     It reads `temperature`, `alpha`, `teacher_dtype`, `teacher_compile`, `teacher_image_mean`/`teacher_image_std`,
     `image_mean`/`image_std`, `check_teacher_finite` and `check_teacher_accuracy` from `args`
@@ -325,6 +327,11 @@ class DistillationMixin(LossMetricsMixin):
     ):
         if teacher_model is not None and teacher_cache is not None:
             raise ValueError("pass teacher_model= or teacher_cache=, not both: a cache replaces the teacher's forward")
+        if teacher_cache is not None and not isinstance(teacher_cache, TeacherSource):
+            raise TypeError(
+                f"teacher_cache= takes a TeacherSource (a TeacherCache, a Teacher, or a subclass of "
+                f"hf_kdsearch.TeacherSource), got {type(teacher_cache).__name__}"
+            )
         train_dataset = kwargs.get("train_dataset")
         if teacher_cache is not None and train_dataset is not None and not _random_access(train_dataset):
             raise ValueError(
@@ -349,16 +356,24 @@ class DistillationMixin(LossMetricsMixin):
                 "DistillationTrainer? Call student.requires_grad_(True) first"
             )
         self.teacher: Teacher | None = self._make_teacher(teacher_model) if teacher_model is not None else None
-        if hasattr(teacher_cache, "for_trainer"):  # a TeacherCache; any other TeacherSource is used as it is
-            teacher_cache = teacher_cache.for_trainer(self)  # checks the dataset, the classes and the augmentation
-            # Training batches replay the stored views (crop offsets, flips) instead of drawing new ones.
-            self.device_augment = teacher_cache.replay_augment(self.device_augment, lambda: self.state.epoch)
-        #: What the loss asks for teacher logits: the teacher itself, or a teacher cache standing in for it.
+        #: What the loss asks for teacher logits: the teacher itself, or a source standing in for it (a teacher cache).
         self.teacher_source: TeacherSource = teacher_cache if teacher_cache is not None else self.teacher
         self.teacher_cache = teacher_cache
+        train = self.train_dataset
+        run = DistillationRun(
+            train_dataset=train.dataset if isinstance(train, SampleIndexDataset) else train,
+            num_classes=num_classes(self.model),
+            student_stats=image_stats(self.model, mean=self._arg("image_mean", None), std=self._arg("image_std", None)),
+            augment=self.device_augment,
+            callbacks=tuple(self.callback_handler.callbacks),
+            seed=self.args.seed,
+            epoch=lambda: self.state.epoch,
+        )
+        # The source checks that it fits the run; a teacher cache replays its stored views instead of drawing new ones.
+        self.device_augment = self.teacher_source.bind(run)
         self._student_keywords: bool | None = None
         self._user_loss = _defines_compute_loss(type(self))
-        reported = self.teacher.reported_accuracy if self.teacher is not None else None
+        reported = self.teacher_source.reported_accuracy
         self._accuracy_check = (
             TeacherAccuracyCheck(reported=reported) if self._arg("check_teacher_accuracy", True) else None
         )
@@ -368,7 +383,7 @@ class DistillationMixin(LossMetricsMixin):
         self.teacher_samples = 0
 
     def _make_teacher(self, teacher_model: nn.Module | str) -> Teacher:
-        """The `Teacher` for `teacher_model`, told what the student is fed and predicts."""
+        """The `Teacher` for `teacher_model`, with this run's teacher settings."""
         if teacher_model is self.model:
             raise ValueError("teacher_model is the student object itself; pass a separate (e.g. deep-copied) teacher")
         if isinstance(teacher_model, nn.Module):  # before freezing the teacher, which would freeze shared weights too
@@ -377,19 +392,7 @@ class DistillationMixin(LossMetricsMixin):
                 raise ValueError(
                     "teacher_model shares parameters with the student; distil from a separate copy (copy.deepcopy)"
                 )
-        teacher = Teacher(
-            teacher_model,
-            image_mean=self._arg("teacher_image_mean", None),
-            image_std=self._arg("teacher_image_std", None),
-            dtype=self._arg("teacher_dtype", None),
-            compile=self._arg("teacher_compile", False),
-            channels_last=self._arg("channels_last", False),
-            check_finite=self._arg("check_teacher_finite", True),
-            image_size=self._arg("teacher_image_size", None),
-        )
-        student_stats = image_stats(self.model, mean=self._arg("image_mean", None), std=self._arg("image_std", None))
-        teacher.expect_student(student_stats, num_classes(self.model))
-        return teacher
+        return Teacher.from_args(teacher_model, self.args)  # told about the student by `bind`
 
     # ---- settings with defaults for plain TrainingArguments -------------------------------------------------------
     def _arg(self, name: str, default: Any) -> Any:
@@ -416,7 +419,7 @@ class DistillationMixin(LossMetricsMixin):
         by checking that Accelerate holds no model yet, and a prepared teacher would break that. A teacher cache holds
         outputs for the training views only: None in evaluation.
         """
-        if self.teacher is None and not self.model.training:
+        if not self.model.training and not self.teacher_source.answers_evaluation:
             return None
         self.teacher_source.prepare(self.accelerator)
         try:
@@ -537,9 +540,12 @@ class DistillationMixin(LossMetricsMixin):
             if hit is not None:
                 student_accuracy = hit
                 break
+        source = self.teacher_source.describe()
+        cache = source.get("teacher_cache")
         return {
-            "teacher": self.teacher.name if self.teacher is not None else type(self.teacher_source).__name__,
+            **source,
             "method": "knowledge distillation (Hinton et al. 2015)"
+            + (f" from a teacher cache of {cache['num_views']} stored views per image" if cache else "")
             + (f" with {', '.join(callbacks)}" if callbacks else ""),
             "temperature": self.temperature,
             "alpha": self.alpha,
@@ -570,8 +576,19 @@ class DistillationMixin(LossMetricsMixin):
         info = self.distillation_card()
         card = ModelCard.load(path)
         card.data.distillation = {k: v for k, v in info.items() if v is not None}
-        rows = [
-            ("Teacher", info["teacher"]),
+        rows = [("Teacher", info["teacher"])]
+        cache = info.get("teacher_cache")
+        if cache:
+            stored = f"top-{cache['top_k']} logits" if cache.get("top_k") else "all logits"
+            rows.append(
+                (
+                    "Teacher outputs",
+                    f"a teacher cache: R = {cache['num_views']} stored views per image, {stored} "
+                    f"({cache.get('logits_dtype')}), teacher accuracy on every stored view "
+                    f"{_fmt(cache.get('teacher_accuracy'))}",
+                )
+            )
+        rows += [
             ("Method", info["method"]),
             ("Temperature T", f"{info['temperature']:g}"),
             ("alpha (weight of the KD term)", f"{info['alpha']:g}"),

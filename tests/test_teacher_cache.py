@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -27,7 +28,8 @@ from hf_kdsearch import (
 )
 from hf_kdsearch.data import collate_tensor_batch
 from hf_kdsearch.fastpath import DeviceAugment, DeviceImageDataset
-from hf_kdsearch.teacher_cache import INFO_FILE, CachedTeacher, TeacherCacheError
+from hf_kdsearch.teacher import TeacherCheckError
+from hf_kdsearch.teacher_cache import INFO_FILE, CachedTeacher, TeacherCacheError, check_replayable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -317,3 +319,195 @@ def test_push_then_load_through_loopback_hub(tmp_path):
     assert pulled["info"] == cache.info
     for name, tensor in cache.tensors().items():
         assert torch.equal(pulled["tensors"][name], tensor), name
+
+
+# ---- one teacher path, checked at build time ----------------------------------------------------------------------
+class Brightness(torch.nn.Module):
+    """A teacher that reads the class off the brightest pixel (crops pad with zeros and flips keep it): accurate on
+    `bright_data` whatever the view, with its own input statistics, which it undoes first."""
+
+    pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "architecture": "brightness"}
+
+    def __init__(self, scale=50.0, shift=0):
+        super().__init__()
+        self.register_buffer("centers", torch.roll((20 + 23 * torch.arange(10)) / 255.0, shift))
+        self.scale = scale
+
+    def forward(self, x):
+        v = x.amax(dim=(1, 2, 3)) * 0.25 + 0.5
+        return -self.scale * (v[:, None] - self.centers) ** 2 * 100
+
+
+def bright_data(n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    noise = torch.randint(-3, 1, (n, 3, 16, 16), generator=g)
+    images = (20 + 23 * labels.view(n, 1, 1, 1) + noise).clamp(0, 255).to(torch.uint8)
+    return DeviceImageDataset(images, labels)
+
+
+def count_forwards(module):
+    calls = []
+    module.register_forward_hook(lambda m, a, out: calls.append(out.shape[0]))
+    return calls
+
+
+def test_cache_logits_equal_online_teachers_with_other_statistics_and_resolution(tmp_path):
+    """The cache runs the teacher through `Teacher`: re-normalised from the student's statistics into its own, and
+    resized to teacher_image_size, as online KD does."""
+    data, (teacher, student) = uint8_data(), models()
+    teacher.pretrained_cfg = {**teacher.pretrained_cfg, "mean": (0.2, 0.3, 0.4), "std": (0.5, 0.6, 0.7)}
+    settings = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25], teacher_image_size=[24, 24])
+    cache = TeacherCache.build(
+        teacher, data, fast_args(tmp_path / "b", **settings), num_views=3, logits_dtype="float32", batch_size=8
+    )
+    assert cache.info["teacher_image_size"] == [24, 24]
+    online = DistillationTrainer(
+        model=student, teacher_model=teacher, args=fast_args(tmp_path / "online", **settings), train_dataset=data
+    )
+    stored, tables = cache.tensors()["logits"], cache.tensors()
+    batch = {"pixel_values": data.images, "labels": data.labels}
+    for r in range(3):
+        views = online.device_augment.replay(batch, tables["crop"][:, r], tables["flip"][:, r])  # student-normalised
+        torch.testing.assert_close(stored[:, r], online.teacher_logits(views), rtol=1e-5, atol=1e-5)
+        # Fed the student's statistics at the student's resolution (what the cache used to do), the teacher answers
+        # otherwise: the test can tell the two paths apart.
+        with torch.no_grad():
+            naive = teacher(views["pixel_values"])
+        assert (naive - stored[:, r]).abs().max() > 0.1
+
+
+def test_build_measures_accuracy_on_every_view_and_refuses_a_blind_teacher(tmp_path):
+    data = bright_data()
+    args = fast_args(tmp_path / "b", augment_padding=2, check_teacher_accuracy=True)
+    cache = TeacherCache.build(Brightness(), data, args, num_views=4)
+    assert cache.info["teacher_accuracy"] == 1.0 and cache.info["teacher"] == "brightness"
+    cache.save_to_disk(tmp_path / "good")
+    assert "| teacher accuracy on every stored view | 1.0000 |" in (tmp_path / "good" / "README.md").read_text()
+
+    # Wrong label order: at chance. Refused before anything is stored, with the causes online KD names.
+    blind = Brightness(shift=3)
+    calls = count_forwards(blind)
+    with pytest.raises(
+        TeacherCheckError, match=r"accuracy on all 128 stored views \(4 per sample\) is 0.000, near"
+    ) as e:
+        TeacherCache.build_or_load(tmp_path / "blind", blind, data, args, num_views=4)
+    assert "the label order" in str(e.value) and "the cache was not built" in str(e.value)
+    assert sum(calls) == 32 * 4 and not (tmp_path / "blind").exists()
+    assert sorted(os.listdir(tmp_path)) == ["good"]
+    # Measured but not judged with check_teacher_accuracy=False.
+    off = TeacherCache.build(blind, data, fast_args(tmp_path / "b", augment_padding=2), num_views=2)
+    assert off.info["teacher_accuracy"] == 0.0
+
+
+def test_a_dataset_that_cannot_be_replayed_is_refused_before_the_teacher_runs(tmp_path):
+    from datasets import Dataset
+
+    base = bright_data(16)
+    teacher = Brightness()
+    calls = count_forwards(teacher)
+    args = fast_args(tmp_path / "b", check_teacher_accuracy=True)
+
+    class HostFlip(torch.utils.data.Dataset):  # a random augmentation on the host
+        def __len__(self):
+            return len(base)
+
+        def __getitem__(self, i):
+            item = base[i]
+            flip = torch.rand(()) < 0.5
+            return {**item, "pixel_values": item["pixel_values"].flip(-1) if flip else item["pixel_values"]}
+
+    torch.manual_seed(0)
+    with pytest.raises(
+        TeacherCacheError, match=r"different items for index \d+ on two reads.*device_augment=True.*online"
+    ):
+        TeacherCache.build(teacher, HostFlip(), args, num_views=2)
+    hf = Dataset.from_dict({"pixel_values": base.images.tolist(), "labels": base.labels.tolist()})
+
+    def random_crop(batch):
+        return batch
+
+    with pytest.raises(TeacherCacheError, match=r"transform \(random_crop, set by with_transform.*device.*online"):
+        TeacherCache.build(teacher, hf.with_transform(random_crop), args, num_views=2)
+    assert calls == []
+    # A stable dataset passes (a plain datasets.Dataset, torch-formatted, read twice alike).
+    check_replayable(hf.with_format("torch"))
+
+
+def test_a_logit_beyond_float16_is_an_error_naming_logits_dtype(tmp_path):
+    data, args = bright_data(), fast_args(tmp_path / "b", augment_padding=2, check_teacher_accuracy=True)
+    loud = Brightness(scale=1e6)
+    with pytest.raises(TeacherCacheError, match=r"not finite after the cast to logits_dtype='float16'.*'float32'"):
+        TeacherCache.build(loud, data, args, num_views=2)
+    with pytest.raises(TeacherCacheError, match=r"stored top-k logits are not finite .* logits_dtype='float16'"):
+        TeacherCache.build(loud, data, args, num_views=2, top_k=3)
+    exact = TeacherCache.build(loud, data, args, num_views=2, logits_dtype="float32")
+    assert torch.isfinite(exact.tensors()["logits"]).all() and exact.tensors()["logits"].abs().max() > 65504
+
+
+def test_the_trainer_takes_a_declared_teacher_source_and_the_card_names_the_cache(tmp_path):
+    from hf_kdsearch import TeacherSource
+
+    data, (_, student) = bright_data(), models()
+    args = fast_args(tmp_path / "run", augment_padding=2, check_teacher_accuracy=True, max_steps=2)
+    cache = TeacherCache.build(Brightness(), data, args, num_views=4, top_k=3)
+    assert isinstance(cache, TeacherSource) and not hasattr(cache, "for_trainer")
+    with pytest.raises(TypeError, match="teacher_cache= takes a TeacherSource"):
+        DistillationTrainer(model=student, teacher_cache=object(), args=args, train_dataset=data)
+    trainer = DistillationTrainer(
+        model=student, teacher_cache=cache, args=args, train_dataset=data, data_collator=DeviceImageDataset.collate
+    )
+    trainer.train()
+    assert trainer.teacher_accuracy == 1.0  # the trainer's own check, on the stored views of the first step
+    card = trainer.distillation_card()
+    assert card["teacher"] == "brightness" and card["teacher_cache"]["num_views"] == 4
+    assert card["teacher_cache"]["top_k"] == 3 and card["teacher_cache"]["teacher_accuracy"] == 1.0
+    assert "from a teacher cache of 4 stored views per image" in card["method"]
+    trainer.create_model_card()
+    text = (tmp_path / "run" / "README.md").read_text()
+    assert "| Teacher | brightness |" in text and "CachedTeacher" not in text
+    assert "a teacher cache: R = 4 stored views per image, top-3 logits (float16)" in text
+
+
+def test_build_or_load_builds_once_reuses_without_a_teacher_forward_and_refuses_a_foreign_cache(tmp_path):
+    data, (_, init) = bright_data(), models()
+    path = tmp_path / "cache"
+    args = fast_args(tmp_path / "run", augment_padding=2, check_teacher_accuracy=True, max_steps=4)
+    teacher = Brightness()
+    calls = count_forwards(teacher)
+    runs = []
+    for _ in range(2):
+        calls.clear()
+        cache = TeacherCache.build_or_load(path, teacher, data, args, num_views=4, top_k=3, student=init)
+        student = copy.deepcopy(init)
+        trainer = DistillationTrainer(
+            model=student, teacher_cache=cache, args=args, train_dataset=data, data_collator=DeviceImageDataset.collate
+        )
+        trainer.train()
+        runs.append((sum(calls), cache.info["teacher_accuracy"], trainer.teacher_accuracy, student.state_dict()))
+    (built, acc0, first0, weights0), (reused, acc1, first1, weights1) = runs
+    assert built == 32 * 4 and reused == 0  # the teacher ran once, on every view, then never again
+    assert acc0 == acc1 == 1.0 and first0 == first1 == 1.0
+    for name, value in weights0.items():
+        assert torch.equal(value, weights1[name]), name  # the reused cache trains the same student
+    assert sorted(os.listdir(tmp_path)) == ["cache", "run"]  # written once, atomically: no temporary folder left
+    before = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
+
+    foreign = {
+        "num_views: the cache has 4, this run 2": dict(num_views=2),
+        "top_k: the cache has 3, this run 5": dict(top_k=5),
+        "logits_dtype: the cache has 'float16', this run 'float32'": dict(logits_dtype="float32"),
+        "teacher_fingerprint: the cache has 'sha256:": dict(teacher=Brightness(shift=1)),
+        "dataset_fingerprint: the cache has 'sha256:": dict(train_dataset=bright_data(seed=1)),
+        "num_samples: the cache has 32, this run 30": dict(train_dataset=bright_data(30)),
+        "augmentation: the cache has {'padding': 2, 'flip': True}, this run {'padding': 4": dict(
+            args=fast_args(tmp_path / "run", check_teacher_accuracy=True)
+        ),
+    }
+    for message, change in foreign.items():
+        settings = {"teacher": teacher, "train_dataset": data, "args": args, "num_views": 4, "top_k": 3, **change}
+        calls.clear()
+        with pytest.raises(TeacherCacheError, match="was built for another run.*" + re.escape(message)):
+            TeacherCache.build_or_load(path, **settings)
+        assert calls == []
+    assert {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()} == before
