@@ -290,3 +290,21 @@ def test_a_hub_token_on_the_command_line_reaches_no_file(digits, tmp_path):
     leaked = [str(p) for p in files if FAKE_TOKEN.encode() in p.read_bytes()]
     assert leaked == []
     assert f"--hub_token '{REDACTED}'" in (out / "student" / "README.md").read_text()  # shlex-quoted
+
+
+def test_adapter_freeze_on_a_finite_dataset_is_one_epoch_of_optimizer_steps(tmp_path):
+    from conftest import random_images, tiny_args
+
+    from hf_kdsearch import OnlineEnsembleArguments, OnlineEnsembleTrainer, build_ensemble
+    from hf_kdsearch.data import collate_tensor_batch
+
+    watch = AdapterWatch()
+    ens = build_ensemble("cifar_resnet8", num_students=2, num_classes=10)
+    # 32 samples, batch 8, 2 micro-batches per step: 2 optimizer steps an epoch, so the freeze ends after step 2.
+    args = tiny_args(tmp_path, OnlineEnsembleArguments, max_steps=4, per_device_train_batch_size=8)
+    args.gradient_accumulation_steps = 2
+    trainer = OnlineEnsembleTrainer(
+        model=ens, args=args, train_dataset=random_images(32), data_collator=collate_tensor_batch, callbacks=[watch]
+    )
+    trainer.train()
+    assert trainer.adapter_freeze_steps() == 2 and watch.moved == [False, False, True, True]
