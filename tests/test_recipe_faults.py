@@ -115,11 +115,12 @@ def test_ensemble_of_three_with_the_hub_down_saves_every_student_then_exits_3(di
     hub.stop()  # the endpoint now refuses connections
     out = tmp_path / "run"
     args = tiny(digits, out, "--student", "cifar_resnet8", "--num_students", "3", "--max_steps", "1")
+    args += ["--channels_last", "false"]  # the publishing path alone (channels_last on CPU is case 3)
     proc = run("image", "--method", "ensemble", *args, "--push_to_hub", "--hub_model_id", "user/ens",
                tmp_path=tmp_path, env=env)  # fmt: skip
     assert proc.returncode == 3, explain(proc)
+    assert [(out / f"student{j}" / "model.safetensors").is_file() for j in range(3)] == [True] * 3
     for j in range(3):
-        assert (out / f"student{j}" / "model.safetensors").is_file()
         assert f"hf upload user/ens-student{j} {out / f'student{j}'}" in proc.stderr
     assert "Pushed: none" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -284,9 +285,27 @@ def test_a_hub_token_on_the_command_line_reaches_no_file(digits, tmp_path):
     proc = run("image", *args, "--hub_token", FAKE_TOKEN, "--save_strategy", "steps", "--save_steps", "1",
                tmp_path=tmp_path)  # fmt: skip
     assert proc.returncode == 0, explain(proc)
-    assert "hf auth login" in proc.stdout + proc.stderr
     files = [p for p in out.rglob("*") if p.is_file()]
     assert any(p.name == "training_args.bin" for p in files) and (out / "teacher-cifar_resnet8" / "README.md").is_file()
     leaked = [str(p) for p in files if FAKE_TOKEN.encode() in p.read_bytes()]
     assert leaked == []
+    assert "hf auth login" in proc.stdout + proc.stderr
     assert f"--hub_token '{REDACTED}'" in (out / "student" / "README.md").read_text()  # shlex-quoted
+
+
+def test_adapter_freeze_on_a_finite_dataset_is_one_epoch_of_optimizer_steps(tmp_path):
+    from conftest import random_images, tiny_args
+
+    from hf_kdsearch import OnlineEnsembleArguments, OnlineEnsembleTrainer, build_ensemble
+    from hf_kdsearch.data import collate_tensor_batch
+
+    watch = AdapterWatch()
+    ens = build_ensemble("cifar_resnet8", num_students=2, num_classes=10)
+    # 32 samples, batch 8, 2 micro-batches per step: 2 optimizer steps an epoch, so the freeze ends after step 2.
+    args = tiny_args(tmp_path, OnlineEnsembleArguments, max_steps=4, per_device_train_batch_size=8)
+    args.gradient_accumulation_steps = 2
+    trainer = OnlineEnsembleTrainer(
+        model=ens, args=args, train_dataset=random_images(32), data_collator=collate_tensor_batch, callbacks=[watch]
+    )
+    trainer.train()
+    assert trainer.adapter_freeze_steps() == 2 and watch.moved == [False, False, True, True]
