@@ -496,6 +496,7 @@ def test_build_or_load_builds_once_reuses_without_a_teacher_forward_and_refuses_
     foreign = {
         "num_views: the cache has 4, this run 2": dict(num_views=2),
         "top_k: the cache has 3, this run 5": dict(top_k=5),
+        "top_k: the cache has 3, this run None": dict(top_k=None),
         "logits_dtype: the cache has 'float16', this run 'float32'": dict(logits_dtype="float32"),
         "teacher_fingerprint: the cache has 'sha256:": dict(teacher=Brightness(shift=1)),
         "dataset_fingerprint: the cache has 'sha256:": dict(train_dataset=bright_data(seed=1)),
