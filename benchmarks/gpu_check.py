@@ -407,9 +407,8 @@ def goals(rows: dict, profiles: dict, smoke: bool, out: Path) -> list[dict]:
                 entry["verdict"] = "n/a on CPU" if smoke and any("n/a" in m for m in missing) else "not measured"
                 entry["why"] = "; ".join(missing)
             if entry["pass"] is False or (smoke and entry["ratio"] is not None):
-                slow = num_label if goal.at_least else den_label  # the path whose speed falls short
-                fast = den_label if goal.at_least else num_label
-                entry["profile"], entry["cause"] = diagnose(profiles, slow, fast, batch, out)
+                # The numerator is the path that falls short (too slow a trainer, cache or UNIX step).
+                entry["profile"], entry["cause"] = diagnose(profiles, num_label, den_label, batch, out)
             result.append(entry)
     return result
 
@@ -592,7 +591,8 @@ def recipes_part(args, sizes: Sizes, out: Path, clock: Clock, launcher: Launcher
         methods[method] = one_recipe(args, sizes, method, root, data, teacher_cache, part_end, launcher)
     statuses = [m["status"] for m in methods.values()]
     status = "ok" if all(s == "ok" for s in statuses) else "; ".join(f"{m}: {s}" for m, s in zip(methods, statuses))
-    return {"status": status, "wall_s": round(time.monotonic() - start, 1), "methods": methods,
+    return {"status": status, "wall_s": round(time.monotonic() - start, 1),
+            "timeout_s": round(part_end - start, 1), "methods": methods,
             "settings": {"train_images": sizes.train_images, "eval_images": sizes.eval_images, "steps": sizes.steps,
                          "checkpoint_at": sizes.save_at, "timed_steps": [sizes.warmup, sizes.save_at],
                          "search_steps": sizes.search_steps, "flags": sizes.recipe_flags}}  # fmt: skip
@@ -635,9 +635,17 @@ def one_recipe(
     result["resumed_from_step"] = begins[-1]["step"] if begins else None
     if resumed["status"] != "ok":
         result["status"] = f"resumed run {resumed['status']}"
+        result["failed_run"] = "resumed"
         result["log_tail"] = log_tail(resumed.get("log"))
         return result
     result["weights"] = compare_weights(reference, output_dir)
+    if not result["weights"]["identical"] and budget() > 0.5 * result["uninterrupted"]["wall_s"]:
+        # Is it the resume, or do two uninterrupted runs differ already (kernels that are not bit-reproducible)?
+        again = recipe_arguments(method, sizes, data, root / f"{method}.again", teacher_cache, args)
+        rerun = recipe_run(launcher, root / f"{method}_again_timing.json", marks, again, budget(),
+                           logs / f"recipe_{method}_again.log")  # fmt: skip
+        if rerun["status"] == "ok":
+            result["weights"]["uninterrupted_twice"] = compare_weights(reference, root / f"{method}.again")
     ok = result["weights"]["identical"] and result["resumed_from_step"] == sizes.save_at
     result["status"] = "ok" if ok else "resumed weights differ" if not result["weights"]["identical"] else (
         f"resumed from step {result['resumed_from_step']}, not {sizes.save_at}")  # fmt: skip
@@ -741,18 +749,23 @@ def render(report: dict) -> str:
         ]
     lines += ["| method | status | batch | s/step | eval s/image | checkpoint s | resumed from step | resumed weights "
               "| run s + resume s |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    failures = []
     for method, m in r.get("methods", {}).items():
-        w = m.get("weights") or {}
-        same = ("identical" if w.get("identical") else f"differ: {w.get('different_tensors')} of {w.get('tensors')} "
-                f"tensors, max abs diff {w.get('max_abs_diff', 0):.3g}") if w else "n/a"  # fmt: skip
-        if w.get("tensors"):
-            same += f" ({w['tensors']} tensors, {len(w['students'])} student(s))"
         walls = [m.get(k, {}).get("wall_s") for k in ("uninterrupted", "resumed")]
+        s_per_step = fmt(m.get("s_per_step"), ".4f")
+        if m.get("search_s_per_step") is not None:
+            s_per_step += f" (search phase {m['search_s_per_step']:.4f})"
         lines.append(
-            f"| {method} | {m['status']} | {fmt(m.get('batch'))} | {fmt(m.get('s_per_step'), '.4f')} | "
+            f"| {method} | {m['status']} | {fmt(m.get('batch'))} | {s_per_step} | "
             f"{fmt(m.get('eval_s_per_image'), '.2e')} | {fmt(m.get('checkpoint_s'), '.2f')} | "
-            f"{fmt(m.get('resumed_from_step'))} | {same} | {' + '.join(fmt(x, '.0f') for x in walls)} |"
+            f"{fmt(m.get('resumed_from_step'))} | {weights_cell(m.get('weights'))} | "
+            f"{' + '.join(fmt(x, '.0f') for x in walls)} |"
         )
+        if m.get("log_tail"):
+            failures += [f"{method}, the end of its log ({m[m.get('failed_run', 'uninterrupted')].get('log')}):", "",
+                         "```", m["log_tail"], "```", ""]  # fmt: skip
+    if failures:
+        lines += ["", *failures]
     if r.get("status", "").startswith("skipped"):
         lines += ["", r["status"]]
 
@@ -778,12 +791,32 @@ def render(report: dict) -> str:
 
     e = parts.get("extras", {"status": "not run yet"})
     lines += ["", "## 4. Extras: torch.compile, the cache build rate", ""]
-    lines += [f"- {n}" for n in e.get("notes", [])]
+    if e.get("command"):
+        lines += [f"`{e['command']}`", ""]
+    lines += [f"- {n}" for n in e.get("notes", [])] + ([""] if e.get("notes") else [])
     if e.get("images_per_s"):
         lines += table_of_rows(e["images_per_s"])
     lines += ["", "Files: `report.json` (everything above), `logs/`, `profiles/` (a summary JSON and a gzipped Chrome "
               "trace per row and batch), `throughput.json`, `extras.json`."]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def weights_cell(w: dict | None) -> str:
+    if not w:
+        return "n/a"
+    if w.get("why"):
+        return f"not compared: {w['why']}"
+    if w["identical"]:
+        cell = f"identical, {w['tensors']} tensors"
+    else:
+        cell = f"differ: {w['different_tensors']} of {w['tensors']} tensors, max abs diff {w['max_abs_diff']:.3g}"
+    cell += f" ({', '.join(w['students'])})"
+    twice = w.get("uninterrupted_twice")
+    if twice:
+        cell += "; two uninterrupted runs: " + ("identical" if twice["identical"] else (
+            f"differ too ({twice['different_tensors']} tensors, max abs diff {twice['max_abs_diff']:.3g}): the "
+            "kernels are not bit-reproducible, not the resume"))  # fmt: skip
+    return cell
 
 
 def table_of_rows(rows: dict) -> list[str]:
