@@ -1,6 +1,6 @@
 """Every figure that needs a GPU, from one command in bounded time: `bash benchmarks/gpu_check.sh`, `make gpu-check`.
 
-    bash benchmarks/gpu_check.sh               # one GPU: under 8 minutes (--budget 450 s of parts)
+    bash benchmarks/gpu_check.sh               # one GPU: under 8 minutes (--budget 420 s of parts)
     bash benchmarks/gpu_check.sh --smoke       # the same parts at toy sizes on CPU (CI: tests/test_gpu_check.py)
 
 Writes `out/gpu_check/report.md` and `report.json` (`--out`), with the device, the versions and each figure:
@@ -115,8 +115,8 @@ class Sizes:
 
 
 GPU = Sizes(
-    budget_s=450,
-    part_timeout_s={"throughput": 200, "recipes": 230, "recipe_run": 75},
+    budget_s=420,
+    part_timeout_s={"throughput": 190, "recipes": 210, "recipe_run": 75},
     throughput=[
         "--device",
         "cuda",
@@ -282,6 +282,12 @@ class Launcher:
             time.sleep(0.05)
 
 
+def shown(command: list) -> str:
+    """The command as a user in the repository root would type it (paths under the root made relative)."""
+    root = str(ROOT) + os.sep
+    return shlex.join(str(c).replace(root, "") for c in command)
+
+
 def log_tail(log: str | None, lines: int = 6) -> str:
     if not log or not os.path.isfile(log):
         return ""
@@ -315,20 +321,20 @@ def environment(smoke: bool) -> dict:
             importlib.import_module(module)
         except Exception:
             missing.append(module)
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available()  # makes no CUDA context here: the parts' processes use the whole GPU
     cpu = platform.processor() or platform.machine()
     if os.path.isfile("/proc/cpuinfo"):
         names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
         cpu = names[0] if names else cpu
-    device = f"cpu: {cpu}"
-    if cuda:
-        props = torch.cuda.get_device_properties(0)
-        device = f"cuda: {props.name} ({props.total_memory / 2**30:.1f} GiB)"
-    driver = None
+    device, driver = f"cpu: {cpu}", None
     if shutil.which("nvidia-smi"):
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)  # fmt: skip
-        driver = smi.stdout.strip() or None
+        query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+        smi = subprocess.run(query, capture_output=True, text=True, timeout=30)
+        if smi.returncode == 0 and smi.stdout.strip():
+            name, memory, driver = (x.strip() for x in smi.stdout.strip().splitlines()[0].split(","))
+            device = f"cuda: {name} ({memory})" if cuda else device
+    if cuda and device.startswith("cpu"):
+        device = "cuda (no nvidia-smi: the throughput part's environment names the GPU)"
     return {
         "mode": "smoke (CPU, toy sizes)" if smoke else "gpu",
         "device": device,
@@ -353,7 +359,7 @@ def throughput_part(args, sizes: Sizes, out: Path, timeout_s: float, launcher: L
                "--json", str(raw)]  # fmt: skip
     part = launcher.run(THROUGHPUT, argv, timeout_s, out / "logs" / "throughput.log")
     data = json.loads(raw.read_text()) if raw.is_file() else {}
-    part["command"] = shlex.join(["python", os.path.relpath(THROUGHPUT, ROOT), *argv])
+    part["command"] = shown(["python", THROUGHPUT, *argv])
     part["environment"] = data.get("environment")
     part["images_per_s"] = cells(data.get("images_per_s", {}), args.smoke)
     part["goals"] = goals(part["images_per_s"], data.get("profiles", {}), args.smoke, out)
@@ -467,7 +473,7 @@ def extras_part(args, sizes: Sizes, out: Path, timeout_s: float, launcher: Launc
                "--json", str(raw)]  # fmt: skip
     part = launcher.run(THROUGHPUT, argv, timeout_s, out / "logs" / "extras.log")
     data = json.loads(raw.read_text()) if raw.is_file() else {}
-    part["command"] = shlex.join(["python", os.path.relpath(THROUGHPUT, ROOT), *argv])
+    part["command"] = shown(["python", THROUGHPUT, *argv])
     part["images_per_s"] = cells(data.get("images_per_s", {}), args.smoke)
     part["notes"] = notes
     return part
@@ -606,7 +612,7 @@ def one_recipe(
     output_dir = root / method
     recipe_args = recipe_arguments(method, sizes, data, output_dir, teacher_cache, args)
     marks = sorted({sizes.warmup, sizes.save_at, sizes.search_steps // 2, sizes.search_steps})
-    result = {"batch": sizes.batch.get(method), "command": "python recipes/cifar100.py " + shlex.join(recipe_args)}
+    result = {"batch": sizes.batch.get(method), "command": shown(["python", RECIPE, *recipe_args])}
 
     def budget() -> float:
         return min(sizes.part_timeout_s["recipe_run"], part_end - time.monotonic())
@@ -836,7 +842,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="toy sizes on CPU (CI)")
     p.add_argument("--out", default=str(ROOT / "out" / "gpu_check"), help="report folder")
-    p.add_argument("--budget", type=float, default=None, help="seconds for all parts (default 450 GPU, 170 smoke)")
+    p.add_argument("--budget", type=float, default=None, help="seconds for all parts (default 420 GPU, 170 smoke)")
     parts = ["throughput", "recipes", "extras"]
     p.add_argument("--parts", nargs="+", default=parts, choices=parts, help="parts to run (and the projection)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="recipe methods of part 2")

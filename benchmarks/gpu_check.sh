@@ -24,11 +24,13 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
-if ! "$PYTHON" -c "import torch, transformers, accelerate, timm"; then
-    echo "gpu_check: $PYTHON cannot import torch, transformers, accelerate and timm; nothing was run" >&2
+# Cheap checks (find_spec imports nothing); gpu_check.py imports them for real and reports what fails.
+has() { "$PYTHON" -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in sys.argv[1:]))" "$@"; }
+if ! has torch transformers accelerate timm; then
+    echo "gpu_check: $PYTHON lacks torch, transformers, accelerate or timm; nothing was run" >&2
     exit 2
 fi
-if ! "$PYTHON" -c "import datasets, evaluate" 2>/dev/null; then
+if ! has datasets evaluate; then
     if compgen -G ".whl/*.whl" >/dev/null; then
         site=${GPU_CHECK_SITE:-/tmp/gpu_check_site}
         echo "gpu_check: datasets/evaluate missing; installing the wheels in .whl/ into $site"
