@@ -450,7 +450,7 @@ def diagnose(profiles: dict, slow: str | None, fast: str | None, batch: str, out
         )
     if not causes:
         kind = "GPU-bound" if p["gpu_busy_share"] is not None else "compute-bound on the CPU"
-        causes.append(f"{kind}: no host sync, little data loading; the step does more work")
+        causes.append(f"{kind}: no host syncs, little data loading; the difference is the work per step")
     if q is not None:
         causes.append(
             f"{p['wall_ms_per_step']:.2f} ms per step against {q['wall_ms_per_step']:.2f} ms for {fast}"
@@ -740,7 +740,9 @@ def render(report: dict) -> str:
         lines.append(f"| {g['goal']} | {g['batch']} | {fmt(g['ratio'], '.2f')} | {g['target']} | {g['verdict']} |")
     causes = [g for g in t.get("goals", []) if g.get("cause")]
     if causes:
-        lines += ["", "Causes, from the profile of the slower path (`torch.profiler`, after the timed steps):", ""]
+        what = "every goal's path (the smoke run explains every goal; a GPU run the missed ones)" if smoke else (
+            "the path that falls short")  # fmt: skip
+        lines += ["", f"Causes, from the profile of {what} (`torch.profiler`, after the timed steps):", ""]
         for g in causes:
             lines.append(f"- {g['goal']}, batch {g['batch']} ({g.get('profile') or 'no profile'}): {g['cause']}")
 

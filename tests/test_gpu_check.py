@@ -128,7 +128,7 @@ def test_goals_pass_or_fail_and_a_miss_is_explained_from_the_slower_paths_profil
     busy["host_syncs_per_step"] = dict.fromkeys(busy["host_syncs_per_step"], 0.0)
     stems = write_profiles(tmp_path, {gc.TRAINER + ", x": busy})
     (trainer,) = [g for g in gc.goals(rows, stems, False, tmp_path) if g["goal"].startswith("Distillation")]
-    assert trainer["cause"].startswith("GPU-bound: no host sync, little data loading")
+    assert trainer["cause"].startswith("GPU-bound: no host syncs, little data loading")
 
     # On CPU the CUDA-graph row is n/a, so is its goal; a row that did not run says why.
     cpu = {gc.KD_GRAPH: {"8": "n/a on CPU"}, gc.TRAINER: {"8": 50.0}, gc.CACHE4: {"8": "failed: ModuleNotFoundError"}}
