@@ -25,15 +25,46 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+def load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up there
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
-gc = load_gpu_check()
+gc = load("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+
+
+def test_the_gpu_runs_arguments_mean_what_the_check_assumes(tmp_path, monkeypatch):
+    """The GPU sizes cannot run here, so their command lines are parsed here: every recipe flag exists and lands
+    where the report says (bf16, channels_last, the recipe's own batch sizes, the checkpoint steps), and every
+    throughput row and goal names exactly one row of throughput.py on CUDA."""
+    recipe = load("cifar100_recipe_for_gpu_check", ROOT / "recipes" / "cifar100.py")
+    monkeypatch.setattr("transformers.training_args.is_torch_bf16_gpu_available", lambda: True)  # --bf16 on a GPU
+    options = type("Options", (), {"teacher": None, "student": None})()
+    for method in gc.METHODS:
+        argv = gc.recipe_arguments(method, gc.GPU, tmp_path / "data", tmp_path / method, tmp_path / "t", options)
+        r, args, _ = recipe.parse_args(argv)
+        assert (args.bf16, args.channels_last, args.max_steps, args.save_steps, args.save_total_limit) == (
+            True, True, 200, 120, 2)  # fmt: skip
+        assert args.eval_strategy == "no" and args.seed == 0 and not r.resume
+        assert args.per_device_train_batch_size == gc.GPU.batch[method]  # the batch the projection uses
+        if method != "ensemble":
+            assert (r.teacher, r.student, r.teacher_max_steps) == ("cifar_resnet56", "cifar_resnet20", 2)
+    assert recipe.parse_args([*argv, "--resume"])[0].resume
+    assert r.search_max_steps is None and r.num_students == 5 and r.student == "cifar_resnet110"
+
+    bench = load("throughput_for_gpu_check", ROOT / "benchmarks" / "throughput.py")
+    for flags, rows in (([], gc.THROUGHPUT_ROWS), (["--compile"], gc.EXTRA_ROWS)):  # part 1, part 4
+        args = bench.parse_args([*gc.GPU.throughput, "--cache_views", "4", *flags])
+        assert (args.device.type, args.precision, args.batch_sizes) == ("cuda", "bf16", [64, 512])
+        labels = list(bench.paths(args))
+        for prefix in rows:
+            assert sum(label.startswith(prefix) for label in labels) == 1, prefix
+    for goal in gc.GOALS:
+        assert any(row.startswith(goal.numerator) for row in gc.THROUGHPUT_ROWS)
+        assert any(row.startswith(goal.denominator) for row in gc.THROUGHPUT_ROWS)
 
 
 def student(folder: Path, tensors: dict) -> None:
