@@ -58,6 +58,7 @@ PACKAGES = ("torch", "torchvision", "transformers", "accelerate", "timm", "datas
             "safetensors", "numpy", "pyarrow")  # fmt: skip
 NEEDS_DATASETS = ("datasets", "evaluate")  # the recipes load data with datasets and score with evaluate
 WHEELS_HINT = "put their wheels in .whl/ (the pip download line in benchmarks/gpu_check.sh)"
+MARKER = ".gpu_check"  # marks a report folder that the next run may clear
 CIFAR100 = {"train_images": 50_000, "eval_images": 10_000, "epochs": 240}
 
 # Throughput rows of part 1 (label prefixes of throughput.py) and the goals between them.
@@ -109,46 +110,20 @@ class Sizes:
     save_at: int  # K: the checkpoint that the resumed run starts from (mid-epoch)
     warmup: int  # W: seconds per step are timed over steps W..K
     search_steps: int
-    batch: dict = field(default_factory=dict)  # per method; the recipe's defaults where not given here
+    batch: dict = field(default_factory=dict)  # per method: the batch size the runs use (GPU: the recipe's defaults)
     batch_flags: list = field(default_factory=list)
-    profile_note: str = ""
 
 
+#: throughput.py's settings on the GPU (parts 1 and 4)
+# fmt: off
+GPU_THROUGHPUT = ["--device", "cuda", "--precision", "bf16", "--batch_sizes", "64", "512", "--steps", "100",
+                  "--warmup", "20", "--num_images", "10000"]
+# fmt: on
 GPU = Sizes(
     budget_s=420,
     part_timeout_s={"throughput": 190, "recipes": 210, "recipe_run": 75},
-    throughput=[
-        "--device",
-        "cuda",
-        "--precision",
-        "bf16",
-        "--batch_sizes",
-        "64",
-        "512",
-        "--steps",
-        "100",
-        "--warmup",
-        "20",
-        "--num_images",
-        "10000",
-        "--profile_steps",
-        "10",
-    ],  # fmt: skip
-    extras=[
-        "--device",
-        "cuda",
-        "--precision",
-        "bf16",
-        "--batch_sizes",
-        "64",
-        "512",
-        "--steps",
-        "100",
-        "--warmup",
-        "20",
-        "--num_images",
-        "10000",
-    ],  # fmt: skip
+    throughput=[*GPU_THROUGHPUT, "--profile_steps", "10"],
+    extras=GPU_THROUGHPUT,
     recipe_flags=["--bf16", "true", "--channels_last", "true"],
     teacher="cifar_resnet56",
     student="cifar_resnet20",
@@ -861,8 +836,12 @@ def main(argv: list[str] | None = None) -> int:
     sizes = SMOKE if args.smoke else GPU
     budget = args.budget if args.budget is not None else sizes.budget_s
     out = Path(args.out).resolve()
-    shutil.rmtree(out, ignore_errors=True)
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        print(f"gpu_check: {out} holds something other than a GPU check; pass another --out", file=sys.stderr)
+        return 2
+    shutil.rmtree(out, ignore_errors=True)  # the last check's folder
     out.mkdir(parents=True)
+    (out / MARKER).touch()
     started = time.time()
     fork = (args.launch or ("fork" if args.smoke else "subprocess")) == "fork"
     launcher = Launcher(child_env(args.smoke, out / "hf_home"), fork=fork)

@@ -303,3 +303,10 @@ def test_a_part_out_of_time_is_reported_and_the_report_still_written(tmp_path):
     assert parts["recipes"]["status"] == "skipped: not in --parts"
     assert parts["projection"]["status"] == "nothing measured"
     assert "| throughput | timed out after 4 s |" in (out / "report.md").read_text()
+
+
+def test_a_folder_that_is_not_a_previous_check_is_never_cleared(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert gc.main(["--smoke", "--out", str(tmp_path)]) == 2
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert "holds something other than a GPU check" in capsys.readouterr().err
