@@ -9,7 +9,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup quickstart test test-slow test-multiprocess lint format bench clean
+.PHONY: setup quickstart test test-slow test-multiprocess lint format bench gpu-check gpu-check-smoke clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,17 @@ test-multiprocess: setup
 
 bench: setup
 	$(PY) benchmarks/throughput.py --smoke
+
+# Every GPU figure in one bounded run (under 8 minutes on one H100): out/gpu_check/report.md and report.json. No setup
+# step, so that a GPU machine without network runs it with its own python3 (or PYTHON=...); see the script's header
+# for the wheels it needs there. The smoke run is the same at toy sizes on CPU; CI runs it in the slow tier
+# (tests/test_gpu_check.py).
+GPU_CHECK_PYTHON = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	PYTHON=$(GPU_CHECK_PYTHON) bash benchmarks/gpu_check.sh
+
+gpu-check-smoke:
+	PYTHON=$(GPU_CHECK_PYTHON) bash benchmarks/gpu_check.sh --smoke
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                      # ResNet-56 -> ResNet-20, bf16, batches 64 and 512 (GPU)
     python benchmarks/throughput.py --compile            # adds torch.compile rows for (a) and (b)
     python benchmarks/throughput.py --smoke              # toy sizes, runs anywhere in seconds (CI)
+    python benchmarks/throughput.py --profile_dir out/p  # also profiles 10 more steps of every row (torch.profiler)
 
 One run prints one table, a row per path and a column per batch size:
 
@@ -28,15 +29,23 @@ epoch relative to online KD (b). Data are random CIFAR-shaped uint8 images with 
 so only speed is measured. Timing: after `--warmup` steps, the device is synchronised, `--steps` steps run, and it is
 synchronised again. On a CPU the ratios are informational only: the speed targets are for one GPU.
 
+With `--profile_dir`, every hand-loop and Trainer row then runs `--profile_steps` more steps under `torch.profiler`
+(not timed) and writes `<row>_b<batch>.json` (top operators, host syncs and data loading per step, how busy the GPU
+was; `profile_summary`) and a gzipped Chrome trace (`.trace.json.gz`, for chrome://tracing or Perfetto) there.
+
 Results and the hardware they were measured on are in docs/recipe.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gzip
 import json
 import os
 import platform
+import re
+import shutil
 import sys
 import tempfile
 import time
@@ -86,15 +95,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="measure every row this many times, in turn (round-robin), and keep the best: on a shared machine the "
         "load drifts, and interleaving exposes every row to the same drift",
     )
+    p.add_argument("--profile_dir", default=None, help="profile every row after timing it, into this folder")
+    p.add_argument("--profile_steps", type=int, default=10, help="steps under the profiler, after the timed ones")
     p.add_argument("--smoke", action="store_true", help="toy sizes: cifar_resnet8 models, batch 8, 3 steps")
     args = p.parse_args(argv)
-    if args.warmup < 1 or args.steps < 1:
-        p.error(f"--warmup and --steps must be >= 1, got {args.warmup} and {args.steps}")
+    if args.warmup < 1 or args.steps < 1 or args.profile_steps < 1:
+        p.error(f"--warmup, --steps, --profile_steps must be >= 1: {args.warmup}, {args.steps}, {args.profile_steps}")
     if args.smoke:
         args.teacher = args.student = "cifar_resnet8"
         args.batch_sizes, args.steps, args.warmup, args.num_images = [8], 3, 1, 64
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.precision = args.precision or ("bf16" if args.device.type == "cuda" else "fp32")
+    args.profile_to = None  # the file stem of the row being measured, when profiling (set by `run`)
     return args
 
 
@@ -132,7 +144,117 @@ def timed(step: Callable[[int], None], args, batch: int) -> float:
     for i in range(args.warmup, args.warmup + args.steps):
         step(i)
     synchronize(args.device)
-    return args.steps * batch / (time.perf_counter() - start)
+    rate = args.steps * batch / (time.perf_counter() - start)
+    if args.profile_to:
+        first = args.warmup + args.steps
+        with profile_window(args):
+            for i in range(first, first + args.profile_steps):
+                step(i)
+    return rate
+
+
+def profiled_steps(args) -> int:
+    """Steps run after the timed ones, under the profiler (0 without `--profile_dir`)."""
+    return args.profile_steps if args.profile_to else 0
+
+
+# ---- profiles (--profile_dir) ---------------------------------------------------------------------------------------
+#: Profiler events that make the host wait for the device (the `aten::` ones are tensor reads such as `.item()`).
+HOST_SYNC_EVENTS = (
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaEventSynchronize",
+    "aten::_local_scalar_dense",
+    "aten::item",
+)
+DATA_LOADING_PREFIX = "enumerate(DataLoader)"  # the DataLoader's own profiler annotation of each `next(iterator)`
+
+
+@contextlib.contextmanager
+def profile_window(args):
+    """Profile the steps run inside; then write `args.profile_to` + `.json` (summary) and `.trace.json.gz`."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if args.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    synchronize(args.device)
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        yield
+        synchronize(args.device)  # inside the window, so that every kernel of the steps is recorded
+        wall = time.perf_counter() - start
+    summary = profile_summary(prof, wall, args.profile_steps, args.device)
+    os.makedirs(os.path.dirname(args.profile_to) or ".", exist_ok=True)
+    with open(args.profile_to + ".json", "w") as f:
+        json.dump(summary, f, indent=2)
+    trace = args.profile_to + ".trace.json"
+    prof.export_chrome_trace(trace)
+    with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.remove(trace)
+
+
+class ProfileCallback(TrainerCallback):
+    """Runs `profile_window` over the Trainer's steps `first + 1 .. first + profile_steps` (data loading included)."""
+
+    def __init__(self, args, first: int):
+        self.args, self.first, self.window = args, first, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.first:
+            self.window = profile_window(self.args)
+            self.window.__enter__()
+        elif state.global_step == self.first + self.args.profile_steps and self.window is not None:
+            self.window.__exit__(None, None, None)
+            self.window = None
+
+
+def busy_time_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of `(start, end)` intervals: time the device ran at least one kernel or copy."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def profile_summary(prof, wall_s: float, steps: int, device: torch.device) -> dict:
+    """Per-step figures of a profiled window, and the operators that took the most time.
+
+    `host_syncs_per_step` counts the events that block the host on the device (`HOST_SYNC_EVENTS`; the one
+    `cudaDeviceSynchronize` that closes the window is not counted); `data_loading_share` is the DataLoader's share of
+    the window's wall-clock; `gpu_busy_share` the share in which the GPU ran anything (None on CPU): a launch-bound or
+    host-bound step leaves the GPU idle between kernels. The profiler's own overhead is in `wall_ms_per_step`.
+    """
+    cuda = device.type == "cuda"
+    averages = prof.key_averages()
+    counts = {e.key: e.count for e in averages}
+    syncs = {name: counts.get(name, 0) for name in HOST_SYNC_EVENTS}
+    if cuda:
+        syncs["cudaDeviceSynchronize"] = max(0, syncs["cudaDeviceSynchronize"] - 1)
+    time_key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    top = sorted(averages, key=lambda e: getattr(e, time_key), reverse=True)[:12]
+    loading_us = sum(e.cpu_time_total for e in averages if e.key.startswith(DATA_LOADING_PREFIX))
+    device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    wall_us = wall_s * 1e6
+    busy_us = busy_time_us([(e.time_range.start, e.time_range.end) for e in device_events]) if cuda else None
+    return {
+        "device": device.type,
+        "steps": steps,
+        "wall_ms_per_step": wall_us / steps / 1e3,
+        "host_ms_per_step": sum(e.self_cpu_time_total for e in averages) / steps / 1e3,
+        "gpu_busy_ms_per_step": busy_us / steps / 1e3 if cuda else None,
+        "gpu_busy_share": busy_us / wall_us if cuda else None,
+        "kernels_per_step": len(device_events) / steps if cuda else None,
+        "aten_ops_per_step": sum(e.count for e in averages if e.key.startswith("aten::")) / steps,
+        "host_syncs_per_step": {name: n / steps for name, n in syncs.items()},
+        "data_loading_share": loading_us / wall_us,
+        "top_ops": [
+            {"name": e.key[:100], "calls_per_step": e.count / steps, "ms_per_step": getattr(e, time_key) / steps / 1e3}
+            for e in top
+        ],
+        "top_ops_by": "self GPU time" if cuda else "self CPU time",
+    }
 
 
 # ---- (a), (c): hand-written loops ------------------------------------------------------------------------------------
@@ -149,7 +271,7 @@ class HandLoop:
         self.optimizer = sgd(student)
         images, labels = synthetic_data(args)
         self.images, self.labels = images.to(args.device), labels.to(args.device)
-        steps = args.warmup + args.steps
+        steps = args.warmup + args.steps + profiled_steps(args)
         epochs = -(-steps * batch // len(labels))
         # Sample order drawn on the device up front: slicing it per step costs no host sync.
         self.order = torch.cat([torch.randperm(len(labels), device=args.device) for _ in range(epochs)])
@@ -231,7 +353,7 @@ def common_trainer_args(args, batch: int) -> dict:
     return dict(
         output_dir=os.path.join(tempfile.gettempdir(), "hf_kdsearch_bench"),  # save_strategy="no": nothing written
         per_device_train_batch_size=batch,
-        max_steps=args.warmup + args.steps,
+        max_steps=args.warmup + args.steps + profiled_steps(args),
         learning_rate=LR,
         weight_decay=5e-4,
         optim="sgd",
@@ -251,6 +373,8 @@ def common_trainer_args(args, batch: int) -> dict:
 def trainer_throughput(trainer: Trainer, args, batch: int) -> float:
     timer = StepTimer(args.device, args.warmup, args.warmup + args.steps)
     trainer.add_callback(timer)
+    if args.profile_to:
+        trainer.add_callback(ProfileCallback(args, first=args.warmup + args.steps))
     trainer.remove_callback(PrinterCallback)  # keep stdout for the table
     trainer.train()
     return args.steps * batch / (timer.end - timer.start)
@@ -450,6 +574,7 @@ def paths(args) -> dict[str, Callable[[int], float] | None]:
 
 def run(args) -> dict:
     results: dict[str, dict[int, float | str]] = {}
+    args.profiles = {}  # label -> batch -> profile file stem, with --profile_dir
     selected = {
         label: measure
         for label, measure in paths(args).items()
@@ -463,6 +588,10 @@ def run(args) -> dict:
                     results[label][batch] = "n/a (needs CUDA)"
                     continue
                 print(f"measuring {label}, batch {batch}, round {repeat + 1} ...", file=sys.stderr, flush=True)
+                if args.profile_dir:
+                    stem = re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
+                    args.profile_to = os.path.join(args.profile_dir, f"{stem}_b{batch}")
+                    args.profiles.setdefault(label, {})[batch] = args.profile_to
                 try:
                     value = measure(batch)
                 except Exception as err:  # one failing path must not hide the others' numbers
@@ -472,7 +601,20 @@ def run(args) -> dict:
                     results[label][batch] = value
                 if args.device.type == "cuda":
                     torch.cuda.empty_cache()  # between measurements only, never inside a timed loop
+                if args.json:  # after every measurement: a run stopped part-way keeps what it measured
+                    write_json(args, results)
     return results
+
+
+def write_json(args, results: dict) -> None:
+    tmp = args.json + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(
+            {"environment": environment(args), "images_per_s": results, "profiles": getattr(args, "profiles", {})},
+            f,
+            indent=2,
+        )
+    os.replace(tmp, args.json)
 
 
 def ratios(results: dict, batch: int) -> list[tuple[str, float | None]]:
@@ -556,8 +698,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['bytes_per_view_full']:,.0f} | {row['bytes_per_view_top10']:,.0f} |"
             )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": environment(args), "images_per_s": results}, f, indent=2)
+        write_json(args, results)
     failed = [f"{k} (batch {b})" for k, row in results.items() for b, v in row.items() if str(v).startswith("failed")]
     if failed:
         print("failed: " + "; ".join(failed), file=sys.stderr)
