@@ -8,8 +8,9 @@ a fixed split, a seeded permutation with 8,000 samples for training and 2,000 he
 `save_to_disk`, or an image folder (`train/<class>/*.png`). `to_uint8_tensors` turns one split into a
 `TensorImageDataset` of uint8 `(N, C, H, W)` images, the input of the GPU data path (`hf_kdsearch.fastpath`).
 
-Before decoding, `encode_labels` turns a string label column into class ids (the same sorted names in every split),
-and `check_labels` refuses labels outside the label set and names the classes with no training example. Every image
+Before decoding, `prepare_labels` gives a training and an evaluation split's label set, checked: `encode_labels` turns
+a string label column into class ids (the same sorted names in every split), and `check_labels` refuses labels outside
+the label set and names the classes with no training example. Every image
 goes through `to_mode`: 16-bit greyscale (Pillow's `I;16`, `I;16B`, `I`) is scaled to 8 bits, not clipped as Pillow's
 own `convert("L")` does; an image that cannot be read (a truncated file) raises `ImageDecodeError` naming its file.
 
@@ -46,6 +47,7 @@ __all__ = [
     "encode_labels",
     "check_labels",
     "label_array",
+    "prepare_labels",
     "to_mode",
     "decode_image",
     "undecoded",
@@ -280,7 +282,8 @@ def check_labels(
 
     Args:
         train_labels, eval_labels: the training and evaluation labels: a tensor, an array, a list, or a `datasets`
-            column (`dataset["label"]`, read through Arrow).
+            column (`dataset["label"]`, read through Arrow). `train_labels=None` (a stream) checks the evaluation
+            labels only.
         num_classes: the size of the label set (the model's head).
         class_names: the names of the classes, used in the messages.
         inferred: `num_classes` was read off the data (largest label + 1), so a class without a training example is
@@ -293,8 +296,8 @@ def check_labels(
     """
     import logging
 
-    train = _int64(train_labels)
-    if train.numel() == 0:
+    train = None if train_labels is None else _int64(train_labels)
+    if train is not None and train.numel() == 0:
         raise LabelError("the training split is empty")
     for split, labels in (("training", train), ("evaluation", eval_labels)):
         if labels is None:
@@ -304,11 +307,19 @@ def check_labels(
         if bad.numel():
             values, counts = bad.unique(return_counts=True)
             listed = ", ".join(f"{v} ({c} example{'s' * (c > 1)})" for v, c in zip(values.tolist(), counts.tolist()))
+            hint = "fix or drop those examples, or pass the label set's size with --num_labels"
+            if (bad < 0).any():
+                hint = (
+                    "a negative label such as -1 usually marks unlabelled examples (a test split): evaluate on "
+                    "another split (--eval_split) or hold out part of train (--validation_split_percentage)"
+                )
             raise LabelError(
                 f"the {split} split's label column {column!r} holds labels outside 0..{num_classes - 1}: {listed}"
                 + (f" (the class names are {_short(class_names)})" if class_names else "")
-                + "; fix or drop those examples, or pass the label set's size with --num_labels"
+                + f"; {hint}"
             )
+    if train is None:  # a stream: its training labels are not known before training
+        return []
     counts = torch.bincount(train, minlength=num_classes)
     empty = [c for c in range(num_classes) if counts[c] == 0]
     if not empty:
@@ -329,6 +340,57 @@ def check_labels(
     )
     (log or logging.getLogger(__name__).warning)(message)
     return empty
+
+
+def prepare_labels(train, evaluation, label_column: str, *, num_labels: int | None = None, log=None) -> tuple:
+    """The label set of a training and an evaluation split, checked: `(train, evaluation, num_classes, names)`.
+
+    String labels become class labels (`encode_labels`, the same names in both splits). The number of classes is the
+    `ClassLabel`'s, else `num_labels`, else the largest label + 1 (then a class with no training example is an error:
+    `check_labels` with `inferred=True`). Labels outside the set are refused; classes without a training example are
+    named (`log`, default `logging.warning`). A streaming training split (`datasets.IterableDataset`) needs a
+    `ClassLabel` column or `num_labels`, and only its evaluation labels are checked.
+
+    Args:
+        train, evaluation: `datasets.Dataset`s (the training split may be an `IterableDataset`).
+        label_column: the label column, e.g. from `find_columns`.
+        num_labels: the label set's size, for plain integer labels (`--num_labels`).
+
+    Raises:
+        LabelError: strings in a stream, a `num_labels` that disagrees with the names or the labels, plain integers
+            in a stream without `num_labels`, labels outside the set, or (inferred size) classes without an example.
+    """
+    import datasets
+
+    train, evaluation = encode_labels([train, evaluation], label_column)
+    names = class_names(train.features, label_column)
+    streaming = isinstance(train, datasets.IterableDataset)
+    if names is not None and num_labels is not None and num_labels != len(names):
+        raise LabelError(f"--num_labels {num_labels} but {label_column!r} names {len(names)} classes")
+    train_labels = None if streaming else label_array(train, label_column)
+    eval_labels = label_array(evaluation, label_column)
+    if names is not None:
+        num_classes = len(names)
+    elif num_labels is not None:
+        num_classes = num_labels
+    elif streaming:
+        raise LabelError(
+            f"the label column {label_column!r} holds plain integers, and a stream's largest label is unknown before "
+            "reading it all: pass --num_labels"
+        )
+    else:
+        num_classes = int(max(train_labels.max(initial=-1), eval_labels.max(initial=-1))) + 1
+    inferred = names is None and num_labels is None
+    check_labels(
+        train_labels,
+        num_classes,
+        class_names=names,
+        eval_labels=eval_labels,
+        inferred=inferred,
+        column=label_column,
+        log=log,
+    )
+    return train, evaluation, num_classes, names
 
 
 def _int64(labels) -> torch.Tensor:

@@ -236,3 +236,36 @@ def test_a_stream_decoded_by_the_transform_scales_16_bit_images_and_names_a_trun
     stream = data.undecoded(load_image_dataset(path=str(root), streaming=True)["train"], "image")
     with pytest.raises(data.ImageDecodeError, match=f"cannot read the image file '{bad}'"):
         list(stream.map(transform, batched=True, remove_columns=["image", "label"]))
+
+
+def int_label_split(labels, names=None) -> datasets.Dataset:
+    label = datasets.ClassLabel(names=names) if names else datasets.Value("int64")
+    features = datasets.Features({"image": datasets.Image(), "label": label})
+    return datasets.Dataset.from_dict({"image": [Image.new("L", (2, 2))] * len(labels), "label": labels}, features)
+
+
+def test_prepare_labels_gives_the_checked_label_set_of_both_splits(caplog):
+    train, evaluation = string_label_splits()
+    train, evaluation, num, names = data.prepare_labels(train, evaluation, "label")
+    assert (num, names, train["label"], evaluation["label"]) == (3, ["cat", "dog", "eel"], [1, 0, 1, 0], [2, 0, 1])
+
+    digits = [d for d in range(10) for _ in range(3)]
+    with pytest.raises(data.LabelError, match="58 outputs.*47 of those classes have no training example"):
+        data.prepare_labels(int_label_split(digits + [57]), int_label_split(digits), "label")
+    with caplog.at_level(logging.WARNING, logger="hf_kdsearch.data"):
+        *_, num, names = data.prepare_labels(
+            int_label_split(digits + [57]), int_label_split([1]), "label", num_labels=58
+        )
+    assert (num, names) == (58, None) and "47 of the 58 classes of 'label' have no training example" in caplog.text
+    assert data.prepare_labels(int_label_split(digits), int_label_split([0, 9]), "label")[2] == 10
+
+    with pytest.raises(data.LabelError, match=r"evaluation split.*-1 \(2 examples\).*--eval_split"):
+        data.prepare_labels(int_label_split(digits), int_label_split([-1, -1, 3]), "label")
+    with pytest.raises(data.LabelError, match="--num_labels 5 but 'label' names 10 classes"):
+        data.prepare_labels(int_label_split(digits, DIGITS), int_label_split([0], DIGITS), "label", num_labels=5)
+    with pytest.raises(data.LabelError, match=r"holds labels outside 0..9: 12"):
+        data.prepare_labels(int_label_split(digits + [12]), int_label_split([0]), "label", num_labels=10)
+    stream = int_label_split(digits).to_iterable_dataset()
+    with pytest.raises(data.LabelError, match="stream's largest label is unknown.*--num_labels"):
+        data.prepare_labels(stream, int_label_split([0]), "label")
+    assert data.prepare_labels(stream, int_label_split([0]), "label", num_labels=10)[2] == 10
