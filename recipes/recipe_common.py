@@ -54,20 +54,23 @@ from hf_kdsearch import (
     push_student,
     save_student,
 )
-from hf_kdsearch.checks import check_finite_weights
+from hf_kdsearch.checks import LabelNamesError, check_finite_weights, check_label_names
 from hf_kdsearch.data import (
     DatasetLoadError,
     ImageClassificationTransform,
+    ImageDecodeError,
+    LabelError,
     NodeSplitLoaderMixin,
-    class_names,
     collate_tensor_batch,
     data_config_for,
     find_columns,
     image_sizes,
     image_transforms,
     load_image_dataset,
+    prepare_labels,
     split_stream_by_node,
     to_uint8_tensors,
+    undecoded,
 )
 from hf_kdsearch.ensemble import adam_l2
 from hf_kdsearch.fastpath import DeviceImageDataset, resize_images
@@ -558,33 +561,6 @@ def load_splits(recipe: RecipeArguments, args):
     return train, evaluation
 
 
-def label_set(recipe, train, evaluation, label_column: str) -> tuple[int, list[str] | None]:
-    """The number of classes and their names; plain integer labels are checked to be >= 0."""
-    names = class_names(train.features, label_column)
-    if names is not None:
-        num = len(names)
-        if recipe.num_labels is not None and recipe.num_labels != num:
-            raise RecipeError(f"--num_labels {recipe.num_labels} but {label_column!r} names {num} classes")
-        return num, names
-    seen = list(evaluation[label_column]) + ([] if recipe.streaming else list(train[label_column]))
-    if min(seen) < 0:
-        raise RecipeError(
-            f"the label column {label_column!r} holds negative labels (min {min(seen)}), e.g. -1 for unlabelled "
-            "test images: evaluate on another split (--eval_split) or hold out part of train "
-            "(--validation_split_percentage)"
-        )
-    if recipe.num_labels is not None:
-        if max(seen) >= recipe.num_labels:
-            raise RecipeError(f"--num_labels {recipe.num_labels} but {label_column!r} holds label {max(seen)}")
-        return recipe.num_labels, None
-    if recipe.streaming:
-        raise RecipeError(
-            f"the label column {label_column!r} holds plain integers, and a stream's largest label is unknown before "
-            "reading it all: pass --num_labels"
-        )
-    return max(seen) + 1, None
-
-
 def load_raw(recipe: RecipeArguments, args) -> tuple:
     """The data loading of a run: `(train, eval, image column, label column, number of classes, class names)`,
     before any decoding."""
@@ -593,7 +569,10 @@ def load_raw(recipe: RecipeArguments, args) -> tuple:
         image_column, label_column = find_columns(train.features, recipe.image_column, recipe.label_column)
     except ValueError as err:
         raise RecipeError(str(err)) from err
-    num_classes, names = label_set(recipe, train, evaluation, label_column)
+    # String labels become class labels; outliers, empty classes and negative labels are named before any training.
+    train, evaluation, num_classes, names = prepare_labels(
+        train, evaluation, label_column, num_labels=recipe.num_labels, log=lambda text: log(args, text, "data")
+    )
     return train, evaluation, image_column, label_column, num_classes, names
 
 
@@ -679,6 +658,8 @@ def load_data(recipe: RecipeArguments, args, student: nn.Module, raw, tag: str) 
         mode = "RGB" if channels == 3 else "L"
         train_fn = ImageClassificationTransform(train_tf, image_column, label_column, mode)
         eval_fn = ImageClassificationTransform(eval_tf, image_column, label_column, mode)
+        # Left undecoded so that the transform decodes each image itself: an unreadable one is named by its file.
+        train, evaluation = undecoded(train, image_column), undecoded(evaluation, image_column)
         evaluation = evaluation.select_columns([image_column, label_column]).with_transform(eval_fn)
         if recipe.streaming:
             columns = list(train.features)
@@ -974,6 +955,12 @@ def get_teacher(recipe, args, data: RecipeData, student: nn.Module, tag: str):
             f"the teacher {recipe.teacher!r} predicts {teacher_classes} classes but the label column has "
             f"{num_classes}; distil from a teacher trained on this label set"
         )
+    try:
+        check_label_names(
+            teacher, data.class_names, teacher_name=f"the teacher {recipe.teacher!r}", log=lambda t: log(args, t, tag)
+        )
+    except LabelNamesError as err:
+        raise TeacherLoadError(str(err)) from err
     cfg = teacher_inputs(teacher, recipe.teacher)
     if args.teacher_image_size is None and isinstance(cfg, dict) and cfg.get("input_size"):
         teacher_hw = list(cfg["input_size"][1:])
@@ -1272,7 +1259,7 @@ def run_cli(main: Callable[[], Any], dataset_hint: str) -> int:
     """Run `main`, turning the errors a user can fix into one clear message and a non-zero exit code."""
     try:
         main()
-    except RecipeError as err:
+    except (RecipeError, LabelError, ImageDecodeError) as err:
         print(f"error: {err}\nNothing was trained.", file=sys.stderr)
         return 2
     except DatasetLoadError as err:
