@@ -553,7 +553,8 @@ def as_killed_after_checkpoint(output_dir: Path, save_at: int, reference: Path) 
     reference.mkdir(parents=True, exist_ok=True)
     for student in output_dir.glob("student*"):
         student.rename(reference / student.name)
-    for stage in (p for p in output_dir.iterdir() if p.is_dir()):
+    # Stages sit at any depth (the recipe keeps `<output_dir>/<method>/<stage>/checkpoint-N`).
+    for stage in {p.parent for p in output_dir.rglob(f"checkpoint-{save_at}") if p.is_dir()}:
         if (stage / f"checkpoint-{save_at}").is_dir():
             for later in stage.glob("checkpoint-*"):
                 if later.name.split("-")[-1].isdigit() and int(later.name.split("-")[-1]) > save_at:

@@ -97,15 +97,15 @@ def test_compare_weights_finds_any_changed_tensor(tmp_path):
 
 def test_the_folder_is_left_as_a_kill_after_the_checkpoint_leaves_it(tmp_path):
     run = tmp_path / "kd"
-    for path in ("distill/checkpoint-6", "distill/checkpoint-12", "search/checkpoint-4", "stage1_teacher/checkpoint-2",
-                 "student", "student0"):  # fmt: skip
+    for path in ("kd/distill/checkpoint-6", "kd/distill/checkpoint-12", "kd/search/checkpoint-4",
+                 "kd/stage1_teacher/checkpoint-2", "student", "student0"):  # fmt: skip
         (run / path).mkdir(parents=True)
         (run / path / "f").write_text(path)
     gc.as_killed_after_checkpoint(run, 6, tmp_path / "reference")
     assert sorted(p.name for p in (tmp_path / "reference").iterdir()) == ["student", "student0"]
     assert (tmp_path / "reference" / "student" / "f").read_text() == "student"
-    left = sorted(str(p.relative_to(run)) for p in run.glob("*/checkpoint-*"))
-    assert left == ["distill/checkpoint-6", "search/checkpoint-4", "stage1_teacher/checkpoint-2"]
+    left = sorted(str(p.relative_to(run)) for p in run.glob("*/*/checkpoint-*"))  # <method>/<stage>/checkpoint-N
+    assert left == ["kd/distill/checkpoint-6", "kd/search/checkpoint-4", "kd/stage1_teacher/checkpoint-2"]
 
 
 def gpu_profile(**changes) -> dict:
