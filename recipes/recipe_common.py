@@ -43,6 +43,9 @@ from hf_kdsearch import (
     DistillationTrainer,
     GateSearchCallback,
     OnlineEnsembleTrainer,
+    TeacherCache,
+    TeacherCacheError,
+    TeacherCheckError,
     TeacherLoadError,
     UncertaintyMixupCallback,
     add_gates,
@@ -243,6 +246,21 @@ class RecipeArguments:
     )
     teacher_epochs: float | None = field(
         default=None, metadata={"help": "Stage-1 epochs. Default: --num_train_epochs."}
+    )
+    teacher_cache: int | None = field(
+        default=None,
+        metadata={
+            "help": "kd: distil from a teacher cache of R stored views per image (the teacher runs once, before "
+            "training); built at --teacher_cache_path, reused when it fits this run, refused otherwise. Needs the "
+            "fast data path."
+        },
+    )
+    teacher_cache_top_k: int | None = field(
+        default=None, metadata={"help": "kd with --teacher_cache: store the k largest logits per view (default: all)."}
+    )
+    teacher_cache_path: str | None = field(
+        default=None,
+        metadata={"help": "kd with --teacher_cache: the cache's folder. Default: <output_dir>/teacher-outputs-R<R>."},
     )
     teacher_max_steps: int | None = field(default=None, metadata={"help": "Stage-1 steps. Default: --max_steps."})
     select_ratio: float = field(default=0.75, metadata={"help": "unix: share of each batch the teacher sees."})
@@ -453,6 +471,17 @@ def validate(recipe, args, hub) -> None:
                 fail(f"--search_epochs must be > 0, got {recipe.search_epochs}")
         if recipe.method == "ensemble" and recipe.num_students < 1:
             fail(f"--num_students must be >= 1, got {recipe.num_students}")
+        if recipe.teacher_cache is not None:
+            if recipe.method != "kd":
+                fail(f"--teacher_cache works with --method kd only (--method {recipe.method} needs the live teacher)")
+            if recipe.teacher_cache < 1 or (recipe.teacher_cache_top_k or 1) < 1:
+                fail(f"--teacher_cache and --teacher_cache_top_k must be >= 1, got {recipe.teacher_cache}, "
+                     f"{recipe.teacher_cache_top_k}")  # fmt: skip
+            if recipe.streaming or recipe.loader == "transforms":
+                fail("--teacher_cache replays stored views, which needs the fast data path (images decoded once, "
+                     "augmented on the device): drop --streaming / --loader transforms, or distil online")  # fmt: skip
+        elif recipe.teacher_cache_top_k is not None or recipe.teacher_cache_path is not None:
+            fail("--teacher_cache_top_k and --teacher_cache_path go with --teacher_cache R")
     except ValueError as err:
         raise RecipeError(f"--method {recipe.method}: {err}") from err
     if hub["push"]:
@@ -692,6 +721,11 @@ def load_data(recipe: RecipeArguments, args, student: nn.Module, raw, tag: str) 
 
 def validate_with_data(recipe, data: RecipeData) -> None:
     """The checks that need the class count or the image size, before stage 1 trains a teacher."""
+    if recipe.teacher_cache is not None and data.path != "fast":
+        raise RecipeError(
+            f"--teacher_cache replays stored views, which needs the fast data path; these images take the "
+            f"{data.path} path. Distil online, or resize the images to one size (--loader fast)"
+        )
     if recipe.method == "search" and trains_teacher(recipe):
         # The budget must be reachable by the teacher stage 1 would train; checked on untrained weights of that shape.
         gated = add_gates(timm.create_model(recipe.teacher, num_classes=data.num_classes))
@@ -708,7 +742,8 @@ _DEFINING = ("seed", "learning_rate", "weight_decay", "optim", "optim_args", "ad
 _DEFINING += ("lr_decay_at", "lr_decay_factor", "per_device_train_batch_size", "gradient_accumulation_steps")
 _DEFINING += ("num_train_epochs", "max_steps", "image_size", "image_column", "label_column", "eval_split")
 _DEFINING_BY_METHOD = {
-    "kd": ("teacher", "student", "alpha", "temperature", "teacher_epochs", "teacher_max_steps"),
+    "kd": ("teacher", "student", "alpha", "temperature", "teacher_epochs", "teacher_max_steps", "teacher_cache")
+    + ("teacher_cache_top_k",),
     "unix": ("teacher", "student", "alpha", "temperature", "teacher_epochs", "teacher_max_steps", "select_ratio")
     + ("uncertainty", "mixup"),
     "search": ("teacher", "alpha", "temperature", "teacher_epochs", "teacher_max_steps", "target_flops_ratio")
@@ -1053,17 +1088,39 @@ def cache_teacher(teacher: nn.Module, cache: Path, *, card: dict, name: str) -> 
 # Each returns `[(name, model, card fields, extra files)]`, one entry per student to publish. `teacher` is any module
 # the `DistillationTrainer` takes as `teacher_model`.
 def run_kd(recipe, args, data, teacher, student, callbacks=(), tag: str = "recipe") -> list:
+    distill_args = stage_args(recipe, args, "distill")
+    source, card = {"teacher_model": teacher}, {}
+    if recipe.teacher_cache is not None:
+        cache = teacher_outputs(recipe, args, distill_args, data, teacher, student, tag)
+        source = {"teacher_cache": cache}
+        accuracy = cache.info.get("teacher_accuracy")
+        card["notes"] = (
+            f"Distilled from a teacher cache of {cache.info['teacher']}: R = {cache.num_views} stored views per image, "
+            f"{f'top-{cache.top_k}' if cache.top_k else 'all'} logits; the teacher's accuracy on every stored view: "
+            f"{'not measured' if accuracy is None else f'{accuracy:.4f}'}."
+        )
     trainer, metrics = run_stage(
-        DistillationTrainer,
-        recipe,
-        stage_args(recipe, args, "distill"),
-        data,
-        model=student,
-        teacher_model=teacher,
-        callbacks=list(callbacks),
-        tag=tag,
+        DistillationTrainer, recipe, distill_args, data, model=student, callbacks=list(callbacks), tag=tag, **source
     )
-    return [("student", full_model(trainer), {"metrics": percent(metrics)}, [])]
+    return [("student", full_model(trainer), {"metrics": percent(metrics), **card}, [])]
+
+
+def teacher_outputs(recipe, args, distill_args, data, teacher, student, tag: str) -> TeacherCache:
+    """The teacher cache of `--teacher_cache R` views: built once (the only teacher pass), reused by a later run that
+    matches it, refused when it was built for another teacher, data or R."""
+    path = recipe.teacher_cache_path or os.path.join(args.output_dir, f"teacher-outputs-R{recipe.teacher_cache}")
+    cache = TeacherCache.build_or_load(
+        path,
+        teacher,
+        data.train,
+        distill_args,
+        num_views=recipe.teacher_cache,
+        top_k=recipe.teacher_cache_top_k,
+        student=student,
+        data_collator=data.collator,
+    )
+    log(args, f"teacher cache at {path}: {cache!r}", tag)  # the repr gives the teacher's measured accuracy
+    return cache
 
 
 def run_unix(recipe, args, data, teacher, student, callbacks=(), tag: str = "recipe") -> list:
@@ -1259,7 +1316,7 @@ def run_cli(main: Callable[[], Any], dataset_hint: str) -> int:
     """Run `main`, turning the errors a user can fix into one clear message and a non-zero exit code."""
     try:
         main()
-    except (RecipeError, LabelError, ImageDecodeError) as err:
+    except (RecipeError, LabelError, ImageDecodeError, TeacherCacheError, TeacherCheckError) as err:
         print(f"error: {err}\nNothing was trained.", file=sys.stderr)
         return 2
     except DatasetLoadError as err:
