@@ -60,8 +60,8 @@ class SearchEvidenceArguments(QuickstartArguments):
     `--student_widths` is unused (the search finds the widths)."""
 
     output_dir: str = field(default="out/evidence_search", metadata={"help": "Where results.json and the plots go."})
-    epochs: float = field(default=10, metadata={"help": "Distillation epochs of every student (candidates too)."})
-    teacher_epochs: float = field(default=6, metadata={"help": "Epochs of the CNN teacher (over its 7,000 digits)."})
+    epochs: float = field(default=8, metadata={"help": "Distillation epochs of every student (candidates too)."})
+    teacher_epochs: float = field(default=4, metadata={"help": "Epochs of the CNN teacher (over its 7,000 digits)."})
     budgets: list[float] = field(
         default_factory=lambda: [0.25, 0.10], metadata={"help": "FLOPs budgets of the CNN, fractions of the teacher's."}
     )
@@ -72,7 +72,7 @@ class SearchEvidenceArguments(QuickstartArguments):
         default_factory=lambda: ["0.25:scratch"],
         metadata={"help": "Residual-family settings as budget:start (e.g. 0.25:scratch 0.1:teacher); none: skip."},
     )
-    resnet_teacher_epochs: float = field(default=4, metadata={"help": "Epochs of the residual teacher."})
+    resnet_teacher_epochs: float = field(default=3, metadata={"help": "Epochs of the residual teacher."})
     search_epochs: float = field(default=3, metadata={"help": "Gate search epochs."})
     lr_scratch: float = field(default=0.2, metadata={"help": "lr of every student from scratch."})
     lr_teacher: float = field(default=0.05, metadata={"help": "lr of every student from the teacher's weights."})
@@ -227,10 +227,11 @@ def main(argv: list[str] | None = None) -> dict:
         q.search_epochs, q.resnet_teacher_epochs = 1, 1
     if not set(q.starts) <= set(STARTS) or q.max_candidate_runs < 1:
         raise ValueError(f"--starts must be among {STARTS} and --max_candidate_runs >= 1")
-    settings = [("cnn", r, s) for r in q.budgets for s in q.starts]
-    for item in q.resnet_settings:
-        r, s = item.split(":")
-        settings.append(("resnet", float(r), s))
+    # From scratch first (the claim is about the architecture), the residual family before the teacher's-weights runs:
+    # the settings finish in this order.
+    resnet = [("resnet", float(r), s) for r, s in (item.split(":") for item in q.resnet_settings)]
+    settings = [("cnn", r, s) for s in q.starts if s == "scratch" for r in q.budgets] + resnet
+    settings += [("cnn", r, s) for s in q.starts if s != "scratch" for r in q.budgets]
     train, val, test, _ = splits(q)
     print(f"{len(train)} training, {len(val)} validation, {len(test)} held-out digits; {workers} run(s) at a time")
 
@@ -260,20 +261,16 @@ def main(argv: list[str] | None = None) -> dict:
                 for c in searches[(f, r)]["candidates"]
             ))  # fmt: skip
 
-        # 2. Per setting: candidate runs on validation, and the uniform finals (needed whatever is chosen).
-        cand_futures, uniform_futures = {}, {}
-        for f, r, s in settings:
-            cands = searches[(f, r)]["candidates"][: q.max_candidate_runs]
-            for c in cands:
-                cand_futures[(f, r, s, c["candidate"].name)] = pool.submit(
-                    student_job, q, f, teachers[f]["state"], c, s, q.tune_seed, "val"
-                )
-            uniform = searches[(f, r)]["candidates"][0]
-            for seed in q.seeds:
-                uniform_futures[(f, r, s, seed)] = pool.submit(
-                    student_job, q, f, teachers[f]["state"], uniform, s, seed, "test"
-                )
-        chosen, cand_runs, searched_futures = {}, {}, {}
+        # 2. Candidate runs on validation, every setting queued at once; then, setting by setting, the choice and
+        #    its finals (uniform, and the searched student unless it is uniform), scored once on the held-out digits.
+        cand_futures = {
+            (f, r, s, c["candidate"].name): pool.submit(
+                student_job, q, f, teachers[f]["state"], c, s, q.tune_seed, "val"
+            )
+            for f, r, s in settings
+            for c in searches[(f, r)]["candidates"][: q.max_candidate_runs]
+        }
+        chosen, cand_runs, final_futures = {}, {}, {}
         for f, r, s in settings:
             cands = [copy.copy(c["candidate"]) for c in searches[(f, r)]["candidates"]]
             cand_runs[(f, r, s)] = cands
@@ -286,63 +283,59 @@ def main(argv: list[str] | None = None) -> dict:
             log(f"{f} {r:.0%} {s}: " + "; ".join(
                 f"{c.name} {c.width_list} {c.flops_ratio:.1%} val {c.val_score}" for c in cands
             ) + f" -> {best.name} (candidate runs {cost:.0f} s)")  # fmt: skip
-            if best.name != "uniform":
-                spec = next(c for c in searches[(f, r)]["candidates"] if c["candidate"].name == best.name)
+            arms = ("uniform",) if best.name == "uniform" else ("uniform", best.name)
+            for arm in arms:
+                spec = next(c for c in searches[(f, r)]["candidates"] if c["candidate"].name == arm)
                 for seed in q.seeds:
-                    searched_futures[(f, r, s, seed)] = pool.submit(
+                    final_futures[(f, r, s, arm, seed)] = pool.submit(
                         student_job, q, f, teachers[f]["state"], spec, s, seed, "test"
                     )
-        # 3. Finals, scored once on the held-out digits.
-        uniform_runs = {k: fut.result() for k, fut in uniform_futures.items()}
-        searched_runs = {k: fut.result() for k, fut in searched_futures.items()}
-    report, per_setting = {}, {}
-
-    def best_name(key) -> str:
-        return chosen[key].name
-
-    print()
-    for f, r, s in settings:
-        key = (f, r, s)
-        label = f"{f} {r:.0%} {s}"
-        u = [uniform_runs[(*key, seed)] for seed in q.seeds]
-        same = chosen[key].name == "uniform"
-        m = u if same else [searched_runs[(*key, seed)] for seed in q.seeds]
-        for seed, a, b in zip(q.seeds, u, m):
-            if a["digest"] != b["digest"]:
-                raise RuntimeError(f"{label}, seed {seed}: the arms saw different batches; not paired")
-        ue, me = [x["errors"] for x in u], [x["errors"] for x in m]
-        stats = paired_summary(ue, me)
-        lo, hi = stats["ci"]
-        cands = cand_runs[key]
-        print(f"{label}: teacher {t_flops[f]:,} FLOPs; candidates (validation errors of {len(val)}):")
-        for c in cands:
-            mark = " <- chosen" if c is chosen[key] else ""
-            narrow = f", narrow: {', '.join(c.narrow_layers)}" if c.narrow_layers else ""
-            print(f"    {c.name + ''.join('=' + a for a in c.also):<18} {str(c.width_list):<28} "
-                  f"{c.flops_ratio:6.1%}  val {c.val_score}{narrow}{mark}")  # fmt: skip
-        print(f"    uniform  {ue}  {stats['baseline_mean']:.1f} ± {stats['baseline_std']:.1f}")
-        print(f"    searched {me}  {stats['method_mean']:.1f} ± {stats['method_std']:.1f}"
-              + ("  (the chosen candidate is uniform: the same runs)" if same else ""))  # fmt: skip
-        print(
-            f"    searched - uniform: {stats['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}]; searched better in {stats['wins']} "
-            f"of {stats['n']}, worse in {stats['losses']}, ties {stats['ties']}, sign test p = {stats['p_sign']:.3f}"
-        )
-        per_setting[label] = {"test_errors": {"uniform": ue, "searched": me}, "paired": stats, "chosen": best_name(key)}
-        report[label] = {
-            "family": f,
-            "budget": r,
-            "start": s,
-            "lr": q.lr_teacher if s == "teacher" else q.lr_scratch,
-            "candidates": [c.to_dict() for c in cands],
-            "chosen": chosen[key].name,
-            "chosen_widths": chosen[key].width_list,
-            "uniform_widths": cands[0].width_list,
-            "same_runs": same,
-            "search": {k: v for k, v in searches[(f, r)].items() if k != "candidates"},
-            "test_errors": {"uniform": ue, "searched": me},
-            "run_seconds": {"uniform": [x["seconds"] for x in u], "searched": [x["seconds"] for x in m]},
-            "searched_vs_uniform": stats,
-        }
+        report, per_setting = {}, {}
+        for f, r, s in settings:
+            key = (f, r, s)
+            label = f"{f} {r:.0%} {s}"
+            u = [final_futures[(*key, "uniform", seed)].result() for seed in q.seeds]
+            same = chosen[key].name == "uniform"
+            m = u if same else [final_futures[(*key, chosen[key].name, seed)].result() for seed in q.seeds]
+            for seed, a, b in zip(q.seeds, u, m):
+                if a["digest"] != b["digest"]:
+                    raise RuntimeError(f"{label}, seed {seed}: the arms saw different batches; not paired")
+            ue, me = [x["errors"] for x in u], [x["errors"] for x in m]
+            stats = paired_summary(ue, me)
+            lo, hi = stats["ci"]
+            cands = cand_runs[key]
+            print(f"\n{label}: teacher {t_flops[f]:,} FLOPs; candidates (validation errors of {len(val)}):")
+            for c in cands:
+                mark = " <- chosen" if c is chosen[key] else ""
+                narrow = f", narrow: {', '.join(c.narrow_layers)}" if c.narrow_layers else ""
+                print(f"    {c.name + ''.join('=' + a for a in c.also):<18} {str(c.width_list):<28} "
+                      f"{c.flops_ratio:6.1%}  val {c.val_score}{narrow}{mark}")  # fmt: skip
+            print(f"    uniform  {ue}  {stats['baseline_mean']:.1f} ± {stats['baseline_std']:.1f}")
+            print(f"    searched {me}  {stats['method_mean']:.1f} ± {stats['method_std']:.1f}"
+                  + ("  (the chosen candidate is uniform: the same runs)" if same else ""))  # fmt: skip
+            print(
+                f"    searched - uniform: {stats['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}]; searched better in "
+                f"{stats['wins']} of {stats['n']}, worse in {stats['losses']}, ties {stats['ties']}, sign test "
+                f"p = {stats['p_sign']:.3f} ({time.time() - started:.0f} s)",
+                flush=True,
+            )
+            per_setting[label] = {"test_errors": {"uniform": ue, "searched": me}, "paired": stats,
+                                  "chosen": chosen[key].name}  # fmt: skip
+            report[label] = {
+                "family": f,
+                "budget": r,
+                "start": s,
+                "lr": q.lr_teacher if s == "teacher" else q.lr_scratch,
+                "candidates": [c.to_dict() for c in cands],
+                "chosen": chosen[key].name,
+                "chosen_widths": chosen[key].width_list,
+                "uniform_widths": cands[0].width_list,
+                "same_runs": same,
+                "search": {k: v for k, v in searches[(f, r)].items() if k != "candidates"},
+                "test_errors": {"uniform": ue, "searched": me},
+                "run_seconds": {"uniform": [x["seconds"] for x in u], "searched": [x["seconds"] for x in m]},
+                "searched_vs_uniform": stats,
+            }
     plot_paired_settings(f"{q.output_dir}/paired.png", q.seeds, per_setting)
     plot_candidate_widths(
         f"{q.output_dir}/widths.png",

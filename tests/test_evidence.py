@@ -138,7 +138,7 @@ def test_evidence_search_quick_mode_writes_its_results_and_plot(tmp_path, monkey
         torch.set_num_threads(threads)
     out = json.loads((tmp_path / "results.json").read_text())
     assert out["seeds"] == [0, 1]
-    labels = ["cnn 25% scratch", "cnn 25% teacher", "cnn 10% scratch", "cnn 10% teacher", "resnet 25% scratch"]
+    labels = ["cnn 25% scratch", "cnn 10% scratch", "resnet 25% scratch", "cnn 25% teacher", "cnn 10% teacher"]
     assert list(out["settings"]) == labels
     for label, s in out["settings"].items():
         budget = s["budget"] * out["teachers"][s["family"]]["flops"]
