@@ -100,8 +100,8 @@ class GateSearchCallback(DistillationCallback, ExportableState):
     callback for a copy rebuilt from the checkpoint; the copy shares its state with the object you passed in, so
     `report`, `report_files` and `current_l1_weight` are read from your object either way.
 
-    At the end of training, on the main process, the callback ranks the units by `unit_importance` (the scale-free
-    first-order loss change per FLOP, `|g * dL/dg| / c_j`, over `importance_batches` training batches with BatchNorm
+    At the end of training (on every process; only the main one writes files) the callback ranks the units by
+    `unit_importance` (the scale-free first-order loss change per FLOP, `|g * dL/dg| / c_j`, over `importance_batches` training batches with BatchNorm
     on batch statistics; `self.scores`) and lists the width candidates (`self.candidates`: `uniform`, `found`,
     `box`; see `hf_kdsearch.candidates`). `self.choose(score_fn, max_runs)` scores them with short validation runs
     and keeps the best, so uniform thinning is always in the race; it rewrites the report with the scores.
@@ -369,8 +369,7 @@ class GateSearchCallback(DistillationCallback, ExportableState):
             inner.train(was_training)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if not state.is_world_process_zero:
-            return
+        # Every rank ranks the units (iterating a prepared dataloader can be a collective); the main process writes.
         model = unwrap_model(kwargs["model"])
         self.scores = self._importance(model, kwargs.get("train_dataloader"))
         self.candidates = width_candidates(
@@ -397,8 +396,7 @@ class GateSearchCallback(DistillationCallback, ExportableState):
                 "max_l1_weight": self.max_l1_weight,
             },
         }
-        self._gated = weakref.ref(model)
-        if self.write_report:
+        if self.write_report and state.is_world_process_zero:
             self._write_report(Path(self.report_dir or args.output_dir))
 
     def _write_report(self, out: Path) -> None:
