@@ -101,10 +101,11 @@ class GateSearchCallback(DistillationCallback, ExportableState):
     `report`, `report_files` and `current_l1_weight` are read from your object either way.
 
     At the end of training (on every process; only the main one writes files) the callback ranks the units by
-    `unit_importance` (the scale-free first-order loss change per FLOP, `|g * dL/dg| / c_j`, over `importance_batches` training batches with BatchNorm
-    on batch statistics; `self.scores`) and lists the width candidates (`self.candidates`: `uniform`, `found`,
-    `box`; see `hf_kdsearch.candidates`). `self.choose(score_fn, max_runs)` scores them with short validation runs
-    and keeps the best, so uniform thinning is always in the race; it rewrites the report with the scores.
+    `unit_importance` (the scale-free first-order loss change per FLOP, `|g * dL/dg| / c_j`, over
+    `importance_batches` training batches with BatchNorm on batch statistics; `self.scores`) and lists the width
+    candidates (`self.candidates`: `uniform`, `found`, `box`; see `hf_kdsearch.candidates`).
+    `self.choose(score_fn, max_runs)` scores them with short validation runs and keeps the best, so uniform thinning
+    is always in the race; it rewrites the report with the scores.
 
     At the start of training the main process checks that `report_dir` is writable, so that a bad folder fails
     before the search rather than after it. At the end of training it writes a JSON summary (`search_report.json`:
