@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--starts must be among {STARTS} and --max_candidate_runs >= 1")
     # From scratch first (the claim is about the architecture), the residual family before the teacher's-weights runs:
     # the settings finish in this order.
-    resnet = [("resnet", float(r), s) for r, s in (item.split(":") for item in q.resnet_settings)]
+    resnet = [("resnet", float(r), s) for r, s in (i.split(":") for i in q.resnet_settings if i != "none")]
     settings = [("cnn", r, s) for s in q.starts if s == "scratch" for r in q.budgets] + resnet
     settings += [("cnn", r, s) for s in q.starts if s != "scratch" for r in q.budgets]
     train, val, test, _ = splits(q)
