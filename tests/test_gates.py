@@ -9,7 +9,7 @@ from conftest import random_images, tiny_args
 from torch import nn
 
 from hf_kdsearch import add_gates, count_flops, extract_student, flops_weighted_l1, gate_parameters
-from hf_kdsearch.gates import gate_parameter_names, gate_plan, select_units, soft_keep_fractions
+from hf_kdsearch.gates import gate_parameter_names, gate_plan, select_units, soft_keep_fractions, unit_importance
 from hf_kdsearch.models.sliced_resnet import ShortcutBlock
 
 # name -> (create kwargs, input size, expected gate parameters)
@@ -346,3 +346,98 @@ def test_search_moves_every_trainable_parameter_and_nothing_else(tmp_path, weigh
     moved = {n for n in before if not torch.equal(before[n], after[n])}
     assert moved == trainable
     assert all(torch.equal(p, _snapshot(teacher)[n]) for n, p in teacher_before.items())
+
+
+# ---- scale-free importance -------------------------------------------------------------------------------------------
+def _kd(teacher):
+    def loss_fn(model, x):
+        with torch.no_grad():
+            t = teacher(x)
+        return torch.nn.functional.kl_div(model(x).log_softmax(-1), t.softmax(-1), reduction="batchmean")
+
+    return loss_fn
+
+
+def _relative_change(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-12])
+@pytest.mark.parametrize("layer", [0, 1, 2])  # conv1-conv3: another conv + BN follows each
+def test_scaling_a_layers_gates_changes_neither_the_logits_nor_the_importance_selection(layer, eps):
+    teacher = make_teacher("mnist_cnn")
+    gated = add_gates(copy.deepcopy(teacher)).train()  # BatchNorm on batch statistics, as during the search
+    for m in gated.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps = eps  # BatchNorm's eps is the only term that is not scale-free: 1e-12 isolates the rest
+    exact = eps < 1e-9
+    set_random_gates(gated, zero_fraction=0.0)
+    plan = gate_plan(gated).measure(gated, (1, 28, 28))
+    xs = [torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    name = list(plan.groups)[layer]
+    before_logits = gated(xs[0]).detach()
+    before = unit_importance(gated, _kd(teacher), xs)
+    by_importance = select_units(gated, target_flops_ratio=0.3, scores=before).kept
+    by_magnitude = select_units(gated, target_flops_ratio=0.3).kept
+    running = {k: v.clone() for k, v in gated.state_dict().items() if "running" in k}
+    for s in (0.3, 4.0):
+        scaled = copy.deepcopy(gated)
+        with torch.no_grad():
+            gate_parameters(scaled)[name].mul_(s)
+        # Equal up to BatchNorm's eps (added to a variance that scales by s^2).
+        assert _relative_change(scaled(xs[0]).detach(), before_logits) < (1e-5 if exact else 3e-3)
+        after = unit_importance(scaled, _kd(teacher), xs)
+        for n in before:
+            assert _relative_change(after[n], before[n]) < (1e-4 if exact else 3e-2), n
+        if exact:  # with eps, near-ties of this random net can flip
+            kept = select_units(scaled, target_flops_ratio=0.3, scores=after).kept
+            assert all(torch.equal(kept[n], by_importance[n]) for n in kept)
+        # The gate magnitudes the paper ranks by do move with s: their selection changes.
+        moved = select_units(scaled, target_flops_ratio=0.3).kept
+        assert any(not torch.equal(moved[n], by_magnitude[n]) for n in moved)
+    # The check can fail: scaling the last conv's gates, read by the head with no BN between, moves the logits.
+    head = copy.deepcopy(gated)
+    with torch.no_grad():
+        gate_parameters(head)[list(plan.groups)[3]].mul_(0.1)
+    assert _relative_change(head(xs[0]).detach(), before_logits) > 0.1
+    # unit_importance leaves the running statistics as it found them.
+    assert all(torch.equal(gated.state_dict()[k], v) for k, v in running.items())
+
+
+def test_importance_is_the_first_order_loss_change_per_flop_share():
+    teacher = make_teacher("mnist_cnn")
+    gated = add_gates(copy.deepcopy(teacher)).eval()
+    set_random_gates(gated, zero_fraction=0.0)
+    plan = gate_plan(gated).measure(gated, (1, 28, 28))
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    scores = unit_importance(gated, _kd(teacher), [x])
+    name, j = list(plan.groups)[2], 3
+    gate = gate_parameters(gated)[name]
+    loss = _kd(teacher)(gated, x)
+    (grad,) = torch.autograd.grad(loss, [gate])
+    cost = float(plan.unit_costs()[2])
+    assert float(scores[name][j]) == pytest.approx(abs(float(gate[j].detach() * grad[j])) / cost, rel=1e-5)
+    assert all(p.grad is None for p in gated.parameters())  # only torch.autograd.grad: no .grad touched
+    with pytest.raises(ValueError, match="at least one batch"):
+        unit_importance(gated, _kd(teacher), [])
+
+
+def test_select_units_respects_min_and_max_counts_and_exact_counts():
+    gated = add_gates(make_teacher("mnist_cnn"))
+    set_random_gates(gated, zero_fraction=0.0)
+    size = (1, 28, 28)
+    names = list(gate_plan(gated).groups)
+    lo, hi = dict.fromkeys(names, 3), dict.fromkeys(names, 5)
+    sel = select_units(gated, target_flops_ratio=0.4, input_size=size, min_counts=lo, max_counts=hi)
+    assert all(3 <= sel.kept[n].numel() <= 5 for n in names)
+    assert sel.flops <= 0.4 * sel.teacher_flops
+    exact = select_units(gated, counts=dict(zip(names, [1, 2, 3, 4])), input_size=size)
+    assert [exact.kept[n].numel() for n in names] == [1, 2, 3, 4]
+    # the kept channels are the highest-scoring ones
+    scores = {n: torch.arange(g.numel(), dtype=torch.float64) for n, g in gate_parameters(gated).items()}
+    top = select_units(gated, counts=dict.fromkeys(names, 2), scores=scores, input_size=size)
+    assert all(top.kept[n].tolist() == [g.numel() - 2, g.numel() - 1] for n, g in gate_parameters(gated).items())
+    with pytest.raises(ValueError, match="do not fit"):
+        select_units(gated, target_flops_ratio=0.1, input_size=size, min_counts=dict.fromkeys(names, 8))
+    with pytest.raises(ValueError, match="exactly one of"):
+        select_units(gated, counts=lo, threshold=0.0)

@@ -46,7 +46,10 @@ def test_one_step_moves_each_gate_by_lr_lambda_cost(tmp_path, accumulation):
     # The gated copy equals the teacher (no dropout, no BN), so the KD gradient is zero up to float rounding and the
     # only gradient on a gate is the penalty's, lambda * c_j: one plain SGD step must give g = 1 - lr * lambda * c_j,
     # also when the batch is split into accumulated micro-batches (the Trainer divides each by the number of splits).
-    cb = GateSearchCallback(target_flops_ratio=0.5, l1_weight=3.0, warmup_ratio=0.0, input_size=SIZE)
+    # gate_projection="none": the paper's plain L1 step (the default projection is tested below).
+    cb = GateSearchCallback(
+        target_flops_ratio=0.5, l1_weight=3.0, warmup_ratio=0.0, input_size=SIZE, gate_projection="none"
+    )
     trainer = trainer_for(
         tmp_path,
         cb,
@@ -76,7 +79,12 @@ def test_expected_flops_penalty_moves_each_gate_by_its_marginal_flops(tmp_path):
     # gate j of group G by lr * lambda * dFLOPs/dfrac_G / (size_G * FLOPs): the marginal cost of the channel with every
     # other group at its current width, which is not the fixed c_j of the L1 penalty.
     cb = GateSearchCallback(
-        target_flops_ratio=0.5, l1_weight=3.0, warmup_ratio=0.0, input_size=SIZE, penalty="expected_flops"
+        target_flops_ratio=0.5,
+        l1_weight=3.0,
+        warmup_ratio=0.0,
+        input_size=SIZE,
+        penalty="expected_flops",
+        gate_projection="none",
     )
     trainer = trainer_for(tmp_path, cb, alpha=1.0, max_steps=1, per_device_train_batch_size=8, max_grad_norm=0.0)
     plan = gate_plan(trainer.model).measure(trainer.model, SIZE)
@@ -105,7 +113,7 @@ def test_lambda_warms_up_then_grows_while_over_budget_and_shrinks_under_it(tmp_p
     assert logged == pytest.approx([1.0, 2.0, 3.0, 4.5])  # 2*(1/2), 2*(2/2), then x1.5 after steps 2 and 3
     assert over.current_l1_weight == pytest.approx(6.75)
     ratios = [h["flops_ratio"] for h in trainer.state.log_history if "flops_ratio" in h][:4]
-    assert ratios[-1] < ratios[0] <= 1.0
+    assert ratios == [1.0] * 4  # no gate fell below keep_threshold in 4 steps: the selected student is the teacher
 
     # At budget 100% the expected FLOPs (1 at most) never exceed it: lambda falls after every step from step 2 on.
     under = GateSearchCallback(target_flops_ratio=1.0, l1_weight=2.0, warmup_ratio=0.5, l1_growth=1.5, input_size=SIZE)
@@ -126,10 +134,22 @@ def test_report_json_png_and_card_after_search(tmp_path):
     assert [r["teacher"] for r in report["widths"]] == [24, 16]
     assert all(0 < r["student"] <= r["teacher"] for r in report["widths"])
     assert report["search"]["global_step"] == 3 and "final_l1_weight" in report["search"]
-    # extract_student reproduces the student the report describes.
-    student = extract_student(trainer.model, target_flops_ratio=0.3, input_size=SIZE)
+    # extract_student, ranking by the same scale-free importance, reproduces the student the report describes.
+    assert report["search"]["ranking"] == "unit_importance" and set(cb.scores) == set(gate_parameters(trainer.model))
+    student = extract_student(trainer.model, target_flops_ratio=0.3, input_size=SIZE, scores=cb.scores)
     assert student.model_args == report["student"]["model_args"]
     assert [r["student"] for r in report["widths"]] == student.model_args["hidden_dims"]
+    # Every candidate is listed with its widths and FLOPs, uniform first, all within the budget; none scored yet.
+    cands = report["candidates"]
+    assert cands[0]["name"] == "uniform" and {"found", "box"} <= {n for c in cands for n in [c["name"], *c["also"]]}
+    assert all(c["flops"] <= 0.3 * t_flops and c["val_score"] is None for c in cands) and report["chosen"] is None
+    assert cands[0]["widths"][0] / 24 == pytest.approx(cands[0]["widths"][1] / 16, abs=0.1)  # one factor
+    # choose(): scores them (here by a fake score that prefers the widest first layer), keeps the best, rewrites.
+    chosen = cb.choose(lambda c: -c.width_list[0], log=None)
+    assert chosen.width_list[0] == max(c["widths"][0] for c in cands)
+    on_disk = json.loads((tmp_path / "rep" / "search_report.json").read_text())
+    assert on_disk["chosen"] == chosen.name and all(c["val_score"] is not None for c in on_disk["candidates"])
+    assert chosen.student(trainer.model).model_args["hidden_dims"] == chosen.width_list
 
     from matplotlib.image import imread
 
@@ -253,3 +273,116 @@ def test_mnist_search_recipe_end_to_end(tmp_path):
     assert {"search_widths.png", "search_report.json", "README.md"} <= {p.name for p in folder.iterdir()}
     reloaded = timm.create_model(f"local-dir:{folder}", pretrained=True)
     assert reloaded.model_args["hidden_dims"] == rows[0]["widths"]
+
+
+# ---- the budget the controller sees, collapse, and the width candidates ---------------------------------------------
+CNN_SIZE = (1, 12, 12)
+
+
+def cnn_search(tmp_path, steps: int, **settings):
+    torch.manual_seed(0)
+    teacher = timm.create_model("mnist_cnn", widths=[8, 8, 16, 16]).eval()
+    gated = add_gates(copy.deepcopy(teacher))
+    for name, p in gated.named_parameters():
+        p.requires_grad_("gate" in name)  # frozen weights, as the evidence recipe searches
+    cb = GateSearchCallback(input_size=CNN_SIZE, write_report=False, **{"l1_weight": 5.0, "l1_growth": 1.1, **settings})
+    args = tiny_args(tmp_path, max_steps=steps, per_device_train_batch_size=16, learning_rate=0.1, logging_steps=10)
+    trainer = DistillationTrainer(
+        model=gated, teacher_model=teacher, args=args, callbacks=[cb], train_dataset=random_images(256, CNN_SIZE)
+    )
+    trainer.train()
+    return trainer, cb, teacher
+
+
+def test_controller_reads_the_flops_of_the_student_the_selection_cuts_out(tmp_path):
+    trainer, cb, teacher = cnn_search(tmp_path, 60, target_flops_ratio=0.3)
+    gated = trainer.model
+    ratio = float(cb.selected_flops_ratio())
+    student = extract_student(gated, threshold=cb.keep_threshold, input_size=CNN_SIZE)
+    assert count_flops(student, CNN_SIZE) / count_flops(teacher, CNN_SIZE) == pytest.approx(
+        ratio, rel=1e-6
+    )  # float32 on the device
+    assert ratio < 0.6  # something was cut: the reading is not the teacher's
+    # The soft estimate min(|g|, 1) the controller used to read is not that number.
+    assert abs(float(cb.expected_flops_ratio()) - ratio) > 0.01
+    assert cb.report["search"]["selected_flops_ratio"] == pytest.approx(ratio)
+
+
+@pytest.mark.parametrize("projection", ["max", "clamp"])
+def test_a_long_search_keeps_every_layer_alive_with_the_max_projection(tmp_path, projection):
+    # 300 steps with lambda growing 10% a step towards an unreachable 5% budget: the penalty pushes every gate down.
+    trainer, cb, _ = cnn_search(tmp_path, 300, target_flops_ratio=0.05, gate_projection=projection)
+    gates = gate_parameters(trainer.model)
+    assert all(0 <= float(g.detach().min()) and float(g.detach().max()) <= 1 for g in gates.values())
+    alive = [int((g.detach() > cb.keep_threshold).sum()) for g in gates.values()]
+    if projection == "max":
+        assert all(float(g.detach().max()) == 1.0 for g in gates.values()) and min(alive) >= 1
+    else:  # clamping alone lets a layer die: zero gates get no gradient through the ReLU
+        assert min(alive) == 0
+
+
+def gated_cnn():
+    torch.manual_seed(0)
+    gated = add_gates(timm.create_model("mnist_cnn", widths=[16, 16, 32, 32]))
+    gate_plan(gated).measure(gated, (1, 28, 28))
+    return gated
+
+
+def lopsided_scores(plan):
+    """Scores that love the last layers, as the magnitude ranking did: the found student starves the first ones."""
+    g = torch.Generator().manual_seed(0)
+    bonus = [0.0, 0.0, 5.0, 10.0]
+    return {n: torch.rand(grp.size, generator=g) + b for (n, grp), b in zip(plan.groups.items(), bonus)}
+
+
+def test_width_candidates_uniform_found_and_box_all_fit_the_budget():
+    from hf_kdsearch.candidates import uniform_counts, width_candidates
+
+    gated = gated_cnn()
+    plan = gate_plan(gated)
+    scores = lopsided_scores(plan)
+    with pytest.warns(UserWarning, match="below half its uniformly thinned width"):
+        cands = width_candidates(gated, 0.25, scores)
+    by_name = {c.name: c for c in cands}
+    assert list(by_name) == ["uniform", "found", "box"]
+    uniform = uniform_counts(plan, 0.25)
+    assert by_name["uniform"].width_list == list(uniform.values()) == [8, 8, 15, 15]  # one factor, 0.48
+    budget = 0.25 * plan.total_flops
+    for c in cands:
+        assert c.flops <= budget and c.flops == count_flops(c.student(gated), (1, 28, 28))
+    assert by_name["found"].width_list[3] == 32 and by_name["found"].narrow_layers
+    for w, u in zip(by_name["box"].width_list, uniform.values()):
+        assert 0.75 * u <= w <= 1.5 * u
+    assert not by_name["box"].narrow_layers and not by_name["uniform"].narrow_layers
+    # A wider uniform factor would not fit.
+    wider = {n: max(1, round(0.501 * g.size)) for n, g in plan.groups.items()}
+    from hf_kdsearch.candidates import _counts_flops
+
+    assert _counts_flops(plan, wider) > budget or wider == uniform
+
+
+def test_pick_candidate_never_loses_to_uniform_and_max_runs_bounds_the_cost():
+    from hf_kdsearch.candidates import pick_candidate, score_candidates, width_candidates
+
+    gated = gated_cnn()
+    cands = width_candidates(gated, 0.25, lopsided_scores(gate_plan(gated)), warn=False)
+    assert len(cands) == 3
+    val = {"uniform": 40, "found": 40, "box": 38}
+    calls = []
+
+    def run(c):
+        calls.append(c.name)
+        return val[c.name]
+
+    logged = []
+    score_candidates(cands, run, max_runs=2, log=logged.append)
+    assert calls == [c.name for c in cands[:2]] and cands[0].name == "uniform"  # uniform first, then at most 2
+    assert "not scored" in logged[-2] and "2 of 3" in logged[-1]
+    assert pick_candidate(cands).name == "uniform"  # a tie goes to uniform; box was never run
+    score_candidates(cands, run, log=None)
+    assert pick_candidate(cands).name == "box"
+    val["box"] = 45
+    score_candidates(cands, run, log=None)
+    assert pick_candidate(cands).name == "uniform"
+    with pytest.raises(ValueError, match="max_runs"):
+        score_candidates(cands, run, max_runs=0)

@@ -36,18 +36,21 @@ share is the FLOPs of the whole branch. At initialisation the sum is exactly 1.
 
 Extraction
 ----------
-`extract_student` keeps units by `|g|`, either above a threshold or largest first until a FLOPs budget is met, folds
+`extract_student` keeps units by `|g|` (or by given scores such as `unit_importance`, the scale-free first-order loss
+change per FLOP), either above a threshold or best first until a FLOPs budget is met, folds
 the kept gates into the weights, slices the weights, and builds a fresh model of the same family whose widths and
 removed blocks are constructor arguments (`model.model_args`), so it saves and reloads without gates.
 
 Modules
 -------
 `plan` (the `GatePlan` and its FLOPs model), `families` (per-family placement, the hooks, `add_gates`), `penalty`
-(the L1 maths), `extract` (unit selection and the rebuilt student). Import from `hf_kdsearch.gates`.
+(the L1 maths), `importance` (scale-free unit importance), `extract` (unit selection and the rebuilt student).
+Import from `hf_kdsearch.gates`.
 """
 
 from .extract import GateSelection, build_student, check_budget, extract_student, select_units
 from .families import add_gates, gate_parameter_names, gate_parameters
+from .importance import unit_importance
 from .penalty import flops_weighted_l1, soft_keep_fractions
 
 # DEPTH, GATE_ATTR, WIDTH and unwrap_model are not in __all__; search.py imports them from here.
@@ -68,4 +71,5 @@ __all__ = [
     "build_student",
     "extract_student",
     "gate_plan",
+    "unit_importance",
 ]

@@ -61,28 +61,43 @@ def select_units(
     target_flops_ratio: float | None = None,
     threshold: float | None = None,
     input_size: Sequence[int] | None = None,
+    scores: Mapping[str, torch.Tensor] | None = None,
+    min_counts: Mapping[str, int] | None = None,
+    max_counts: Mapping[str, int] | None = None,
+    counts: Mapping[str, int] | None = None,
 ) -> GateSelection:
     """Choose the surviving units of a gated model; `extract_student` builds the model from the result.
 
     - `threshold`: keep units with `|g| > threshold`; a branch whose depth gate is at or below it is removed.
-    - `target_flops_ratio`: go through all units, largest `|g|` first, and keep each one whose addition keeps the
+    - `target_flops_ratio`: go through all units, highest score first, and keep each one whose addition keeps the
       FLOPs at or under `target_flops_ratio` times the teacher's. The result is within one unit's worth of the budget.
+      The score is `|g|` unless `scores` (one tensor per gate group, e.g. `unit_importance`) is given;
+      `min_counts` / `max_counts` bound the channels kept per width group (the bounds' lower end must fit).
+    - `counts`: keep exactly this many channels per width group (every branch alive), the highest-scoring ones.
 
-    Either way a live branch or a plain layer keeps at least its largest-gate channel.
+    Either way a live branch or a plain layer keeps at least its highest-scoring channel.
     """
-    if (target_flops_ratio is None) == (threshold is None):
+    if sum(x is not None for x in (target_flops_ratio, threshold, counts)) != 1:
         raise ValueError(
-            f"give exactly one of target_flops_ratio and threshold, got target_flops_ratio={target_flops_ratio!r}, "
-            f"threshold={threshold!r}"
+            f"give exactly one of target_flops_ratio, threshold and counts, got target_flops_ratio="
+            f"{target_flops_ratio!r}, threshold={threshold!r}, counts={counts!r}"
         )
     inner, plan = unwrap_model(model), gate_plan(model)
     gates = _gate_values(inner, plan)
-    mags = {n: g.abs() for n, g in gates.items()}
-    if target_flops_ratio is not None:
+    if scores is not None:
+        if set(scores) != set(plan.groups):
+            raise ValueError(f"scores must have one tensor per gate group {list(plan.groups)}, got {list(scores)}")
+        mags = {n: torch.as_tensor(scores[n]).detach().double().cpu().reshape(-1) for n in plan.groups}
+    else:
+        mags = {n: g.abs() for n, g in gates.items()}
+    if counts is not None:
+        alive = {n: True for n, g in plan.groups.items() if g.kind == DEPTH}
+        counts = {n: int(counts[n]) for n, g in plan.groups.items() if g.kind == WIDTH}
+    elif target_flops_ratio is not None:
         if not (isinstance(target_flops_ratio, int | float) and 0 < target_flops_ratio <= 1):
             raise ValueError(f"target_flops_ratio must lie in (0, 1], got {target_flops_ratio!r}")
         plan.measure(inner, _input_size(inner, input_size))
-        counts, alive = _fill_budget(plan, mags, target_flops_ratio * plan.total_flops)
+        counts, alive = _fill_budget(plan, mags, target_flops_ratio * plan.total_flops, min_counts, max_counts)
     else:
         if not (isinstance(threshold, int | float) and threshold >= 0):
             raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
@@ -118,17 +133,32 @@ def check_budget(plan: GatePlan, target_flops_ratio: float) -> None:
 
 
 def _fill_budget(
-    plan: GatePlan, mags: Mapping[str, torch.Tensor], budget: float
+    plan: GatePlan,
+    mags: Mapping[str, torch.Tensor],
+    budget: float,
+    min_counts: Mapping[str, int] | None = None,
+    max_counts: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, int], dict[str, bool]]:
-    counts = {n: 0 for n, g in plan.groups.items() if g.kind == WIDTH}
-    alive = {n: False for n, g in plan.groups.items() if g.kind == DEPTH}
     check_budget(plan, budget / plan.total_flops)
+    lo = {n: min(max(int((min_counts or {}).get(n, 0)), 0), g.size) for n, g in plan.groups.items() if g.kind == WIDTH}
+    hi = {n: max(int((max_counts or {}).get(n, g.size)), 1) for n, g in plan.groups.items() if g.kind == WIDTH}
+    counts = dict(lo)
+    alive = {n: any(lo.get(n2, 0) for n2, g2 in plan.groups.items() if g2.block == n) for n, g in plan.groups.items()
+             if g.kind == DEPTH}  # fmt: skip
+    if float(plan.flops_of(_hard_fractions(plan, counts, alive))) > budget * (1 + 1e-9):
+        raise ValueError(f"min_counts {dict(lo)} do not fit the budget of {budget:,.0f} FLOPs")
     units = [(float(v), k, n, i) for k, (n, m) in enumerate(mags.items()) for i, v in enumerate(m.tolist())]
     units.sort(key=lambda u: (-u[0], u[1], u[3]))
+    # The units a group starts with (min_counts) are its highest-scoring ones: skip them in the walk below.
+    seen = dict.fromkeys(lo, 0)
     # Within a group all units cost the same and costs only grow as units are added, so a unit that does not fit
-    # means none of its group's later (smaller-gate) units fit either: skip the group from then on.
-    full = set()
+    # means none of its group's later (lower-score) units fit either: skip the group from then on.
+    full = {n for n in hi if counts[n] >= hi[n]}
     for _, _, name, _ in units:
+        if name in seen:
+            seen[name] += 1
+            if seen[name] <= lo[name]:
+                continue
         if name in full:
             continue
         is_depth = plan.groups[name].kind == DEPTH
@@ -141,6 +171,8 @@ def _fill_budget(
                 alive[name] = False
             else:
                 counts[name] -= 1
+            full.add(name)
+        elif not is_depth and counts[name] >= hi[name]:
             full.add(name)
     return counts, alive
 
@@ -238,6 +270,7 @@ def extract_student(
     target_flops_ratio: float | None = None,
     threshold: float | None = None,
     input_size: Sequence[int] | None = None,
+    scores: Mapping[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """Build the standalone, ungated student that a gated model's gates select.
 
@@ -253,6 +286,7 @@ def extract_student(
         model: a model returned by `add_gates` (possibly trained), or its DDP / compiled wrapper.
         target_flops_ratio: FLOPs budget as a fraction of the ungated model's FLOPs.
         threshold: keep units with `|g| > threshold`.
+        scores: rank units by these (one tensor per gate group, e.g. `unit_importance(...)`) instead of `|g|`.
         input_size: `(C, H, W)` of one sample for counting FLOPs; default `model.pretrained_cfg["input_size"]`.
 
     Returns:
@@ -261,7 +295,9 @@ def extract_student(
         rebuilds its shape and `hub.save_student` can export it.
     """
     inner = unwrap_model(model)
-    sel = select_units(inner, target_flops_ratio=target_flops_ratio, threshold=threshold, input_size=input_size)
+    sel = select_units(
+        inner, target_flops_ratio=target_flops_ratio, threshold=threshold, input_size=input_size, scores=scores
+    )
     return build_student(inner, sel)
 
 
