@@ -6,7 +6,7 @@ timm, so `timm.create_model` and transformers' `AutoModelForImageClassification`
 
 __version__ = "0.1.0"
 
-from .config import DistillationArguments
+from .config import DataPathArguments, DistillationArguments, OnlineEnsembleArguments
 from .data import (
     DatasetLoadError,
     ImageClassificationTransform,
@@ -19,7 +19,7 @@ from .data import (
     split_stream_by_node,
     to_uint8_tensors,
 )
-from .ensemble import OnlineEnsemble, OnlineEnsembleArguments, OnlineEnsembleTrainer, build_ensemble
+from .ensemble import OnlineEnsemble, OnlineEnsembleTrainer, build_ensemble
 from .fastpath import DeviceAugment, DeviceImageDataset, normalize_images, random_crop_flip, resize_images
 from .flops import count_flops
 from .gates import add_gates, extract_student, flops_weighted_l1, gate_parameter_names, gate_parameters
@@ -62,6 +62,7 @@ __all__ = [
     "DatasetLoadError",
     "DeviceAugment",
     "DeviceImageDataset",
+    "DataPathArguments",
     "DistillationArguments",
     "DistillationCallback",
     "DistillationMixin",

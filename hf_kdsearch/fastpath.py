@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .config import DistillationArguments
 from .data import TensorImageDataset, collate_tensor_batch
 
 __all__ = [
@@ -154,7 +155,7 @@ def normalize_images(
     mean: Sequence[float] | torch.Tensor,
     std: Sequence[float] | torch.Tensor,
     *,
-    channels_last: bool = False,
+    channels_last: bool,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """`(images / 255 - mean) / std` for uint8 images, as one conversion and one fused multiply-add.
@@ -204,7 +205,7 @@ class DeviceAugment:
 
     Example:
     ```python
-    augment = DeviceAugment(mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), channels_last=True)
+    augment = DeviceAugment(CIFAR100_MEAN, CIFAR100_STD, padding=4, flip=True, channels_last=True)
     batch = augment({"pixel_values": uint8_images.cuda(), "labels": labels.cuda()}, train=True)
     ```
     """
@@ -214,9 +215,9 @@ class DeviceAugment:
         mean: Sequence[float],
         std: Sequence[float],
         *,
-        padding: int = 4,
-        flip: bool = True,
-        channels_last: bool = False,
+        padding: int,
+        flip: bool,
+        channels_last: bool,
     ):
         if len(mean) != len(std):
             raise ValueError(f"mean and std need one value per channel; got mean={list(mean)} std={list(std)}")
@@ -230,14 +231,14 @@ class DeviceAugment:
 
     @classmethod
     def from_args(cls, args: Any, model: nn.Module) -> DeviceAugment | None:
-        """The augmentation `args` ask for (`device_augment`, `augment_padding`, `augment_flip`, `image_mean`,
-        `image_std`, `channels_last`), or None when `device_augment` is off or absent (plain `TrainingArguments`).
+        """The augmentation `args` (`DataPathArguments`) ask for (`device_augment`, `augment_padding`, `augment_flip`,
+        `image_mean`, `image_std`, `channels_last`), or None when `device_augment` is off.
 
         Mean and std default to the model's timm `pretrained_cfg`, the statistics it was built to expect.
         """
-        if not getattr(args, "device_augment", False):
+        if not args.device_augment:
             return None
-        mean, std = getattr(args, "image_mean", None), getattr(args, "image_std", None)
+        mean, std = args.image_mean, args.image_std
         if mean is None or std is None:
             cfg = getattr(getattr(model, "module", model), "pretrained_cfg", None) or {}
             if "mean" not in cfg or "std" not in cfg:
@@ -250,9 +251,9 @@ class DeviceAugment:
         return cls(
             mean,
             std,
-            padding=getattr(args, "augment_padding", 4),
-            flip=getattr(args, "augment_flip", True),
-            channels_last=getattr(args, "channels_last", False),
+            padding=args.augment_padding,
+            flip=args.augment_flip,
+            channels_last=args.channels_last,
         )
 
     @staticmethod
@@ -415,7 +416,7 @@ def setup_fast_path(trainer: Any) -> DeviceAugment | None:
       `DeviceAugment` that `_prepare_inputs` applies to each batch; None when `device_augment` is off.
     """
     args, model = trainer.args, trainer.model
-    if getattr(args, "channels_last", False):
+    if args.channels_last:
         if args.device.type == "cpu":
             warnings.warn(CHANNELS_LAST_ON_CPU, stacklevel=2)
         model.to(memory_format=torch.channels_last)
@@ -442,8 +443,8 @@ def setup_fast_path(trainer: Any) -> DeviceAugment | None:
             f"the dataset lives on {on_device[0].device}, which worker processes cannot share: set "
             f"dataloader_num_workers=0 (got {args.dataloader_num_workers}); a batch is one gather on the device"
         )
-    syncing = [name for name in ("logging_nan_inf_filter",) if getattr(args, name, False)]
-    if hasattr(trainer, "teacher_logits") and getattr(args, "check_teacher_finite", False):
+    syncing = ["logging_nan_inf_filter"] if args.logging_nan_inf_filter else []
+    if isinstance(args, DistillationArguments) and args.check_teacher_finite:
         syncing.append("check_teacher_finite")
     if syncing and torch.cuda.is_available():
         logger.warning(

@@ -438,13 +438,13 @@ class Teacher(TeacherSource):
         model: nn.Module | str | os.PathLike,
         *,
         name: str | None = None,
-        image_mean: Sequence[float] | None = None,
-        image_std: Sequence[float] | None = None,
-        dtype: str | torch.dtype | None = None,
-        compile: bool = False,
-        channels_last: bool = False,
-        check_finite: bool = True,
-        image_size: int | Sequence[int] | None = None,
+        image_mean: Sequence[float] | None,
+        image_std: Sequence[float] | None,
+        dtype: str | torch.dtype | None,
+        compile: bool,
+        channels_last: bool,
+        check_finite: bool,
+        image_size: int | Sequence[int] | None,
     ):
         source = os.fspath(model) if isinstance(model, str | os.PathLike) else None
         module = load_teacher(source) if source is not None else model
@@ -472,18 +472,18 @@ class Teacher(TeacherSource):
     @classmethod
     def from_args(cls, model: nn.Module | str | os.PathLike, args: Any, *, name: str | None = None) -> Teacher:
         """The teacher as a run with these `DistillationArguments` uses it (`teacher_image_mean`/`teacher_image_std`,
-        `teacher_dtype`, `teacher_compile`, `channels_last`, `check_teacher_finite`, `teacher_image_size`; plain
-        `TrainingArguments` get the defaults). Online KD and the teacher cache both build their teacher here."""
+        `teacher_dtype`, `teacher_compile`, `channels_last`, `check_teacher_finite`, `teacher_image_size`). Online KD
+        and the teacher cache both build their teacher here."""
         return cls(
             model,
             name=name,
-            image_mean=getattr(args, "teacher_image_mean", None),
-            image_std=getattr(args, "teacher_image_std", None),
-            dtype=getattr(args, "teacher_dtype", None),
-            compile=getattr(args, "teacher_compile", False),
-            channels_last=getattr(args, "channels_last", False),
-            check_finite=getattr(args, "check_teacher_finite", True),
-            image_size=getattr(args, "teacher_image_size", None),
+            image_mean=args.teacher_image_mean,
+            image_std=args.teacher_image_std,
+            dtype=args.teacher_dtype,
+            compile=args.teacher_compile,
+            channels_last=args.channels_last,
+            check_finite=args.check_teacher_finite,
+            image_size=args.teacher_image_size,
         )
 
     def __repr__(self) -> str:

@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_folder
 from .batch import num_classes
+from .config import DistillationArguments, upcast_arguments
 from .data import collate_tensor_batch
 from .fastpath import DeviceAugment, SampleIndexDataset, draw_crop_flip
 from .teacher import DistillationRun, ImageStats, Teacher, TeacherAccuracyCheck, TeacherSource, image_stats
@@ -212,7 +213,7 @@ def _plan(
     if augment is not None and augment.padding == 0 and not augment.flip and num_views > 1:
         raise ValueError(f"num_views={num_views} but the augmentation draws nothing (augment_padding=0, no flip)")
     # What the student is fed, as the trainer reads it: explicit image_mean/image_std, else the student's own.
-    mean, std = getattr(args, "image_mean", None), getattr(args, "image_std", None)
+    mean, std = args.image_mean, args.image_std
     if student is not None:
         stats = image_stats(student, mean=mean, std=std)
     elif mean is not None and std is not None:
@@ -262,9 +263,7 @@ def _teacher_pass(
     from accelerate import Accelerator
 
     _ = args.device  # TrainingArguments set up Accelerate's state here; the trainer's Accelerator then agrees with ours
-    accelerator = Accelerator(
-        mixed_precision=getattr(args, "mixed_precision", None) or "no", cpu=bool(getattr(args, "use_cpu", False))
-    )
+    accelerator = Accelerator(mixed_precision=getattr(args, "mixed_precision", None) or "no", cpu=args.use_cpu)
     source.prepare(accelerator)
     device = accelerator.device
     n = len(train_dataset)
@@ -321,7 +320,7 @@ def _measured_accuracy(source: Teacher, logits: torch.Tensor, labels: torch.Tens
     check = TeacherAccuracyCheck(
         reported=source.reported_accuracy,
         scope=f"all {{n}} stored views ({r} per sample)",
-        strict=bool(getattr(args, "check_teacher_accuracy", True)),
+        strict=args.check_teacher_accuracy,
         hint=" Nothing was stored: the cache was not built.",
     )
     batch = {"labels": labels.repeat_interleave(r)}
@@ -411,6 +410,7 @@ class TeacherCache(TeacherSource):
         Raises `TeacherCheckError` (a teacher near chance or far below its card), `TeacherCacheError` (a dataset that
         cannot be replayed, logits beyond `logits_dtype`) and `FloatingPointError` (non-finite logits).
         """
+        args = upcast_arguments(args, DistillationArguments)
         plan = _plan(
             teacher,
             train_dataset,
@@ -443,6 +443,7 @@ class TeacherCache(TeacherSource):
         anything is trained. Takes `build`'s arguments.
         """
         path = os.path.abspath(os.fspath(path))
+        args = upcast_arguments(args, DistillationArguments)
         source, augment, info = _plan(
             teacher,
             train_dataset,

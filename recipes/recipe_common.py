@@ -39,9 +39,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_kdsearch import (
     ClassificationTrainer,
+    DataPathArguments,
     DistillationArguments,
     DistillationTrainer,
     GateSearchCallback,
+    OnlineEnsembleArguments,
     OnlineEnsembleTrainer,
     TeacherLoadError,
     UncertaintyMixupCallback,
@@ -1148,10 +1150,13 @@ def run_ensemble(recipe, args, data, callbacks=(), tag: str = "recipe") -> list:
         args = dataclasses.replace(
             args, image_mean=list(data.data_config["mean"]), image_std=list(data.data_config["std"])
         )
+    # The online ensemble has its own loss settings (OnlineEnsembleArguments' defaults); the KD ones do not apply.
+    shared = {f.name for f in dataclasses.fields(DataPathArguments)}
+    values = {k: v for k, v in stage_args(recipe, args, "ensemble").to_dict().items() if k in shared}
     trainer, metrics = run_stage(
         OnlineEnsembleTrainer,
         recipe,
-        stage_args(recipe, args, "ensemble"),
+        OnlineEnsembleArguments(**{**values, "hub_token": args.hub_token}),
         data,
         model=ens,
         compute_metrics=TopKAccuracy(heads=heads),
