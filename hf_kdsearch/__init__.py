@@ -4,8 +4,7 @@ Importing the package registers the CIFAR and MNIST model families (and `kdsearc
 timm, so `timm.create_model` and transformers' `AutoModelForImageClassification` can build and reload them.
 """
 
-__version__ = "0.1.0"
-
+from .batch import resize_images
 from .config import DataPathArguments, DistillationArguments, OnlineEnsembleArguments
 from .data import (
     DatasetLoadError,
@@ -20,7 +19,7 @@ from .data import (
     to_uint8_tensors,
 )
 from .ensemble import OnlineEnsemble, OnlineEnsembleTrainer, build_ensemble
-from .fastpath import DeviceAugment, DeviceImageDataset, normalize_images, random_crop_flip, resize_images
+from .fastpath import DeviceAugment, DeviceImageDataset, normalize_images, random_crop_flip
 from .flops import count_flops
 from .gates import add_gates, extract_student, flops_weighted_l1, gate_parameter_names, gate_parameters
 from .hub import HubUnavailableError, load_student, push_student, save_student
@@ -50,6 +49,9 @@ from .trainer import (
     forward_model,
     logits_of,
 )
+from .versions import version
+
+__version__ = version("hf_kdsearch")
 
 __all__ = [
     "add_gates",

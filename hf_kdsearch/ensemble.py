@@ -15,6 +15,7 @@ then exactly those of the exported model (minus the stem), so export is a state-
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -34,6 +35,7 @@ from .checks import check_finite_weights
 from .config import OnlineEnsembleArguments
 from .hub import save_student
 from .losses import feature_mse, kd_loss, mixed_cross_entropy
+from .metrics import TopKAccuracy
 from .models.cifar import ARCHITECTURES, CifarResNet, CifarWideResNet
 from .trainer import LossMetricsMixin
 
@@ -355,11 +357,14 @@ def ensemble_accuracy(eval_pred: EvalPrediction) -> dict[str, float]:
             f"expected predictions of shape (N, students + 1, classes) for {labels.shape[0]} labels, got "
             f"{predictions.shape}"
         )
-    correct = predictions.argmax(-1) == labels[:, None]
-    accuracy = correct.mean(0)
-    metrics = {f"acc_student{j}": float(a) for j, a in enumerate(accuracy[:-1])}
-    metrics["acc_ensemble"] = float(accuracy[-1])
-    return metrics
+    heads = [f"student{j}" for j in range(predictions.shape[1] - 1)] + ["ensemble"]
+    top1 = _top1_accuracy(tuple(heads))(EvalPrediction(predictions=predictions, label_ids=labels))
+    return {f"acc_{name.removesuffix('_top1')}": float(value) for name, value in top1.items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _top1_accuracy(heads: tuple[str, ...]) -> TopKAccuracy:
+    return TopKAccuracy(top_k=(1,), heads=heads)
 
 
 def adam_l2(args: TrainingArguments) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:

@@ -29,20 +29,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
+from .batch import SampleIndexDataset, unwrap
 from .config import DistillationArguments
 from .data import TensorImageDataset, collate_tensor_batch
 
 __all__ = [
     "DeviceAugment",
     "DeviceImageDataset",
-    "SampleIndexDataset",
     "crop_flip",
     "draw_crop_flip",
     "normalize_images",
     "random_crop_flip",
-    "resize_images",
     "setup_fast_path",
 ]
 
@@ -108,25 +106,6 @@ def crop_flip(
     batch = torch.arange(n, device=device).view(n, 1, 1, 1)
     channel = torch.arange(c, device=device).view(1, c, 1, 1)
     return images[batch, channel, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
-
-
-def resize_images(images: torch.Tensor, size: Sequence[int] | int) -> torch.Tensor:
-    """Bilinear resize of `(N, C, H, W)` float images to `size` (one int, or `(height, width)`), with antialiasing,
-    on the images' device; the images themselves when they already have that size.
-
-    A per-channel normalisation commutes with it (the weights of each output pixel sum to 1), so normalised batches
-    can be resized as they are. Used to feed a teacher at its own resolution from the student's batch, once per
-    batch, without decoding the images twice.
-    """
-    if images.ndim != 4:
-        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
-    size = [size] if isinstance(size, int) else list(size)
-    if len(size) not in (1, 2) or any(int(s) <= 0 for s in size):
-        raise ValueError(f"size must be one or two positive ints (height width), got {size!r}")
-    hw = (int(size[0]), int(size[-1]))
-    if tuple(images.shape[-2:]) == hw:
-        return images
-    return nn.functional.interpolate(images, size=hw, mode="bilinear", antialias=True, align_corners=False)
 
 
 def random_crop_flip(
@@ -240,7 +219,7 @@ class DeviceAugment:
             return None
         mean, std = args.image_mean, args.image_std
         if mean is None or std is None:
-            cfg = getattr(getattr(model, "module", model), "pretrained_cfg", None) or {}
+            cfg = getattr(unwrap(model), "pretrained_cfg", None) or {}
             if "mean" not in cfg or "std" not in cfg:
                 raise ValueError(
                     f"device_augment=True normalises on the device but {type(model).__name__} carries no "
@@ -357,46 +336,6 @@ class DeviceImageDataset(TensorImageDataset):
         return {"pixel_values": self.images[idx], "labels": self.labels[idx]}
 
 
-class SampleIndexDataset(Dataset):
-    """A map-style dataset whose items (and `__getitems__` batches) also carry `sample_index`, their position.
-
-    Training from a teacher cache, and UNIX with free scoring, look samples up by that index; `DistillationTrainer`
-    wraps its training set in this when either is asked for. Under DDP each rank's batches carry their own indices.
-    """
-
-    def __init__(self, dataset: Any):
-        self.dataset = dataset
-
-    @classmethod
-    def wrap(cls, dataset: Any) -> SampleIndexDataset:
-        return dataset if isinstance(dataset, cls) else cls(dataset)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {**self.dataset[i], "sample_index": torch.tensor(int(i))}
-
-    def __getitems__(self, indices: list[int]) -> Any:
-        inner = getattr(self.dataset, "__getitems__", None)
-        if inner is None:
-            return [self[i] for i in indices]
-        batch = inner(indices)
-        if isinstance(batch, Mapping):
-            return {**batch, "sample_index": torch.as_tensor(indices, dtype=torch.long)}
-        return [{**item, "sample_index": torch.tensor(int(i))} for item, i in zip(batch, indices)]
-
-    def __getattr__(self, name: str) -> Any:
-        # `images`, `labels`, `device`, `collate` ... of the wrapped dataset.
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-
-def _unwrap_dataset(dataset: Any) -> Any:
-    return dataset.dataset if isinstance(dataset, SampleIndexDataset) else dataset
-
-
 #: Why channels_last stays off on CPU: no speed there, and a defect of torch 2.14.1 that kills the process.
 CHANNELS_LAST_ON_CPU = (
     "channels_last=True on CPU: torch 2.14.1's CPU backward of a 1x1 stride-2 convolution in channels_last with fewer "
@@ -426,7 +365,7 @@ def setup_fast_path(trainer: Any) -> DeviceAugment | None:
     datasets = [trainer.train_dataset]
     eval_dataset = trainer.eval_dataset
     datasets += list(eval_dataset.values()) if isinstance(eval_dataset, Mapping) else [eval_dataset]
-    datasets = [_unwrap_dataset(d) for d in datasets]
+    datasets = [SampleIndexDataset.unwrap(d) for d in datasets]
     if args.remove_unused_columns and any(isinstance(d, DeviceImageDataset) for d in datasets):
         raise ValueError(
             "DeviceImageDataset hands the loader whole batches, which the Trainer's column filter would take apart: "

@@ -35,8 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batch import forward_model, logits_of, num_classes, takes_keywords, unwrap
-from .fastpath import resize_images
+from .batch import FROZEN_FLAG, forward_model, logits_of, num_classes, resize_images, takes_keywords, unwrap
 
 __all__ = [
     "TeacherLoadError",
@@ -80,7 +79,6 @@ def load_teacher(name_or_path: str, **kwargs: Any) -> nn.Module:
 
 
 #: Set on a teacher by `freeze_teacher`; `add_gates` reads it to thaw a deep copy meant as a student.
-FROZEN_FLAG = "_hf_kdsearch_frozen_teacher"
 
 
 def freeze_teacher(teacher: nn.Module) -> nn.Module:
@@ -263,8 +261,7 @@ def image_stats(
     """
     if mean is not None and std is not None:
         return ImageStats(tuple(map(float, mean)), tuple(map(float, std)), "explicit arguments")
-    inner = unwrap(model)
-    inner = getattr(inner, "timm_model", inner)
+    inner = unwrap(model, timm_wrapper=True)
     for cfg in (
         getattr(inner, "pretrained_cfg", None),
         getattr(getattr(inner, "config", None), "pretrained_cfg", None),
@@ -428,7 +425,7 @@ class Teacher(TeacherSource):
         channels_last: move the teacher's 4-D weights to channels_last.
         check_finite: raise `FloatingPointError` on non-finite logits (one host sync per call).
         image_size: the teacher's input resolution (one int, or height and width) when it differs from the student's:
-            each batch is resized on the device (`fastpath.resize_images`), once, after the re-normalisation.
+            each batch is resized on the device (`batch.resize_images`), once, after the re-normalisation.
 
     Before the first call, `expect_student(stats, num_classes)` tells it what the student is fed and predicts.
     """

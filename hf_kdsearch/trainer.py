@@ -25,10 +25,10 @@ in `log()`, so they reach `log_history` and every `report_to` integration.
 
 from __future__ import annotations
 
-import importlib.metadata
 import math
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,12 +36,25 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.training_args import ParallelMode
 
-from .batch import LOSS_KEYS, batch_size, forward_model, logits_of, num_classes, takes_keywords, unwrap
+from .batch import (
+    LOSS_KEYS,
+    SampleIndexDataset,
+    batch_size,
+    forward_model,
+    logits_of,
+    num_classes,
+    takes_keywords,
+    unwrap,
+)
 from .config import DataPathArguments, DistillationArguments, upcast_arguments
-from .fastpath import SampleIndexDataset, setup_fast_path
+from .fastpath import setup_fast_path
 from .gates import gate_parameter_names
 from .losses import kd_loss, mixed_cross_entropy
 from .teacher import DistillationRun, Teacher, TeacherAccuracyCheck, TeacherSource, image_stats
+from .versions import version
+
+#: The "Distillation" section of the model card, rendered from `distillation_card()`.
+SECTION_TEMPLATE = Path(__file__).parent / "templates" / "distillation_section.md"
 
 __all__ = [
     "LossMetricsMixin",
@@ -376,7 +389,7 @@ class DistillationMixin(LossMetricsMixin):
         self.teacher_cache = teacher_cache
         train = self.train_dataset
         run = DistillationRun(
-            train_dataset=train.dataset if isinstance(train, SampleIndexDataset) else train,
+            train_dataset=SampleIndexDataset.unwrap(train),
             num_classes=num_classes(self.model),
             student_stats=image_stats(self.model, mean=self.args.image_mean, std=self.args.image_std),
             augment=self.device_augment,
@@ -552,7 +565,7 @@ class DistillationMixin(LossMetricsMixin):
             "alpha": self.args.alpha,
             "teacher_accuracy": self.teacher_accuracy,
             "student_accuracy": student_accuracy,
-            "hf_kdsearch_version": _library_version(),
+            "hf_kdsearch_version": version("hf_kdsearch"),
         }
 
     def create_model_card(self, *args, **kwargs) -> None:
@@ -577,44 +590,16 @@ class DistillationMixin(LossMetricsMixin):
         info = self.distillation_card()
         card = ModelCard.load(path)
         card.data.distillation = {k: v for k, v in info.items() if v is not None}
-        rows = [("Teacher", info["teacher"])]
-        cache = info.get("teacher_cache")
-        if cache:
-            stored = f"top-{cache['top_k']} logits" if cache.get("top_k") else "all logits"
-            rows.append(
-                (
-                    "Teacher outputs",
-                    f"a teacher cache: R = {cache['num_views']} stored views per image, {stored} "
-                    f"({cache.get('logits_dtype')}), teacher accuracy on every stored view "
-                    f"{_fmt(cache.get('teacher_accuracy'))}",
-                )
-            )
-        rows += [
-            ("Method", info["method"]),
-            ("Temperature T", f"{info['temperature']:g}"),
-            ("alpha (weight of the KD term)", f"{info['alpha']:g}"),
-            ("Teacher accuracy (first training step's batches)", _fmt(info["teacher_accuracy"])),
-            ("Student accuracy (last evaluation)", _fmt(info["student_accuracy"])),
-            ("hf_kdsearch version", info["hf_kdsearch_version"]),
-        ]
-        table = "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
-        section = (
-            "## Distillation\n\nThis model was distilled from a teacher with hf_kdsearch's `DistillationTrainer`: "
-            "loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * task loss.\n\n" + table + "\n"
-        )
+        import jinja2  # as huggingface_hub's ModelCard.from_template does
+
+        template = jinja2.Template(SECTION_TEMPLATE.read_text(), keep_trailing_newline=True)
+        section = template.render(**info, measured=_fmt)
         card.text = card.text.rstrip() + "\n\n" + section
         card.save(path)
 
 
 def _fmt(value: float | None) -> str:
     return "not measured" if value is None else f"{value:.4g}"
-
-
-def _library_version() -> str:
-    try:
-        return importlib.metadata.version("hf_kdsearch")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _defines_compute_loss(cls: type) -> bool:

@@ -56,6 +56,7 @@ from hf_kdsearch import (
     push_student,
     save_student,
 )
+from hf_kdsearch.batch import resize_images
 from hf_kdsearch.checks import check_finite_weights
 from hf_kdsearch.data import (
     DatasetLoadError,
@@ -72,7 +73,7 @@ from hf_kdsearch.data import (
     to_uint8_tensors,
 )
 from hf_kdsearch.ensemble import adam_l2
-from hf_kdsearch.fastpath import DeviceImageDataset, resize_images
+from hf_kdsearch.fastpath import DeviceImageDataset
 from hf_kdsearch.gates import check_budget, gate_plan
 from hf_kdsearch.hub import HubUnavailableError
 from hf_kdsearch.metrics import TopKAccuracy

@@ -236,3 +236,17 @@ def test_a_stream_decoded_by_the_transform_scales_16_bit_images_and_names_a_trun
     stream = data.undecoded(load_image_dataset(path=str(root), streaming=True)["train"], "image")
     with pytest.raises(data.ImageDecodeError, match=f"cannot read the image file '{bad}'"):
         list(stream.map(transform, batched=True, remove_columns=["image", "label"]))
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_a_dataset_missing_offline_names_the_reason_huggingface_hub_reads(offline, monkeypatch):
+    from huggingface_hub import constants
+
+    from hf_kdsearch.data import DatasetLoadError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the environment is read once, by huggingface_hub; not here
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DatasetLoadError) as info:
+        load_image_dataset(name="someone/no-such-dataset-xyz")
+    assert ("HF_HUB_OFFLINE is set" in str(info.value)) == offline
