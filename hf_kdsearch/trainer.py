@@ -327,9 +327,9 @@ class DistillationMixin(LossMetricsMixin):
     - `teacher_model`: an `nn.Module`, a local folder, a Hub id or a timm name; default:
       `args.teacher_model_name_or_path`;
     - `teacher_cache`: a `TeacherSource` that answers in the teacher's place: a `TeacherCache` (the teacher's stored
-      outputs on replayed views), a prepared `Teacher`, or a subclass of your own. The trainer calls its `bind(run)`
-      once here (it checks that the source fits the run and returns the batch transform), then `prepare(accelerator)`
-      and `logits(batch)`.
+      outputs on replayed views), a prepared `Teacher` (`Teacher.from_args(model, args)`), or a subclass of your own.
+      The trainer calls its `bind(run)` once here (it checks that the source fits the run and returns the batch
+      transform), then `prepare(accelerator)` and `logits(batch)`.
 
     Its settings are `args`, a `DistillationArguments`; plain `TrainingArguments` are converted once, with the
     distillation defaults.
