@@ -4,9 +4,8 @@ Importing the package registers the CIFAR and MNIST model families (and `kdsearc
 timm, so `timm.create_model` and transformers' `AutoModelForImageClassification` can build and reload them.
 """
 
-__version__ = "0.1.0"
-
-from .config import DistillationArguments
+from .batch import resize_images
+from .config import DataPathArguments, DistillationArguments, OnlineEnsembleArguments
 from .data import (
     DatasetLoadError,
     ImageClassificationTransform,
@@ -19,8 +18,8 @@ from .data import (
     split_stream_by_node,
     to_uint8_tensors,
 )
-from .ensemble import OnlineEnsemble, OnlineEnsembleArguments, OnlineEnsembleTrainer, build_ensemble
-from .fastpath import DeviceAugment, DeviceImageDataset, normalize_images, random_crop_flip, resize_images
+from .ensemble import OnlineEnsemble, OnlineEnsembleTrainer, build_ensemble
+from .fastpath import DeviceAugment, DeviceImageDataset, normalize_images, random_crop_flip
 from .flops import count_flops
 from .gates import add_gates, extract_student, flops_weighted_l1, gate_parameter_names, gate_parameters
 from .hub import HubUnavailableError, load_student, push_student, save_student
@@ -50,6 +49,9 @@ from .trainer import (
     forward_model,
     logits_of,
 )
+from .versions import version
+
+__version__ = version("hf_kdsearch")
 
 __all__ = [
     "add_gates",
@@ -62,6 +64,7 @@ __all__ = [
     "DatasetLoadError",
     "DeviceAugment",
     "DeviceImageDataset",
+    "DataPathArguments",
     "DistillationArguments",
     "DistillationCallback",
     "DistillationMixin",

@@ -13,13 +13,28 @@ This module imports nothing from the rest of the package.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["LOSS_KEYS", "batch_size", "forward_model", "logits_of", "num_classes", "takes_keywords", "unwrap"]
+__all__ = [
+    "FROZEN_FLAG",
+    "LOSS_KEYS",
+    "SampleIndexDataset",
+    "batch_size",
+    "forward_model",
+    "logits_of",
+    "num_classes",
+    "resize_images",
+    "sample_index",
+    "takes_keywords",
+    "unwrap",
+]
+
+#: Set on a module frozen as a teacher (`teacher.freeze_teacher`), so that `add_gates` can thaw a copy of it.
+FROZEN_FLAG = "_hf_kdsearch_frozen_teacher"
 
 #: Batch keys that steer the loss and are never passed to a model.
 #: `sample_index` and `view_index` name the stored teacher outputs (and augmentation) of a sample when training from
@@ -27,15 +42,19 @@ __all__ = ["LOSS_KEYS", "batch_size", "forward_model", "logits_of", "num_classes
 LOSS_KEYS = ("labels", "mix_labels", "mix_weights", "sample_index", "view_index")
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP / DataParallel (`.module`) and `torch.compile` (`._orig_mod`) wrappers, at any depth."""
+def unwrap(model: nn.Module, *, timm_wrapper: bool = False) -> nn.Module:
+    """The module inside DDP / DataParallel / FSDP (`.module`) and `torch.compile` (`._orig_mod`) wrappers, at any
+    depth. With `timm_wrapper=True` also inside transformers' `TimmWrapperForImageClassification` (`.timm_model`, what
+    `AutoModelForImageClassification` returns for a timm folder): the timm model that holds the weights."""
+    attrs = ("module", "_orig_mod", "timm_model") if timm_wrapper else ("module", "_orig_mod")
     while True:
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
+        for attr in attrs:
+            inner = getattr(model, attr, None)
+            if isinstance(inner, nn.Module):
+                model = inner
+                break
+        else:
             return model
-        model = inner
 
 
 def logits_of(outputs: Any) -> torch.Tensor:
@@ -78,11 +97,86 @@ def forward_model(model: nn.Module, inputs: Mapping[str, Any], *, keywords: bool
 
 
 def batch_size(inputs: Mapping[str, Any]) -> int:
-    """The number of samples in a batch: the first dimension of its first tensor with one (0 when there is none)."""
-    for v in inputs.values():
-        if isinstance(v, torch.Tensor) and v.ndim > 0:
-            return v.shape[0]
-    return 0
+    """The number of samples in a batch: the first dimension of its first model input with one, else of its first
+    tensor with one (labels alone); 0 when there is none."""
+    tensors = [(k, v) for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.ndim > 0]
+    for key, value in tensors:
+        if key not in LOSS_KEYS:
+            return value.shape[0]
+    return tensors[0][1].shape[0] if tensors else 0
+
+
+def sample_index(inputs: Mapping[str, Any], needed_by: str) -> torch.Tensor:
+    """The batch's `sample_index` (its samples' positions in the training set, from `SampleIndexDataset`); a
+    `KeyError` saying what `needed_by` it when the batch has none."""
+    index = inputs.get("sample_index")
+    if not isinstance(index, torch.Tensor):
+        raise KeyError(
+            f"{needed_by} needs 'sample_index' in every batch: DistillationTrainer wraps its train_dataset in "
+            "SampleIndexDataset for this when the callback or cache is passed at construction; a custom collator "
+            f"must keep the key. Got keys {sorted(inputs)}"
+        )
+    return index
+
+
+class SampleIndexDataset(torch.utils.data.Dataset):
+    """A map-style dataset whose items (and `__getitems__` batches) also carry `sample_index`, their position.
+
+    Training from a teacher cache, and UNIX with free scoring, look samples up by that index; `DistillationTrainer`
+    wraps its training set in this when either is asked for. Under DDP each rank's batches carry their own indices.
+    """
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    @classmethod
+    def wrap(cls, dataset: Any) -> SampleIndexDataset:
+        return dataset if isinstance(dataset, cls) else cls(dataset)
+
+    @classmethod
+    def unwrap(cls, dataset: Any) -> Any:
+        """The dataset as the user gave it."""
+        return dataset.dataset if isinstance(dataset, cls) else dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.dataset[i], "sample_index": torch.tensor(int(i))}
+
+    def __getitems__(self, indices: list[int]) -> Any:
+        inner = getattr(self.dataset, "__getitems__", None)
+        if inner is None:
+            return [self[i] for i in indices]
+        batch = inner(indices)
+        if isinstance(batch, Mapping):
+            return {**batch, "sample_index": torch.as_tensor(indices, dtype=torch.long)}
+        return [{**item, "sample_index": torch.tensor(int(i))} for item, i in zip(batch, indices)]
+
+    def __getattr__(self, name: str) -> Any:
+        # `images`, `labels`, `device`, `collate` ... of the wrapped dataset.
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def resize_images(images: torch.Tensor, size: Sequence[int] | int) -> torch.Tensor:
+    """Bilinear resize of `(N, C, H, W)` float images to `size` (one int, or `(height, width)`), with antialiasing,
+    on the images' device; the images themselves when they already have that size.
+
+    A per-channel normalisation commutes with it (the weights of each output pixel sum to 1), so normalised batches
+    can be resized as they are. Used to feed a teacher at its own resolution from the student's batch, once per
+    batch, without decoding the images twice.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    size = [size] if isinstance(size, int) else list(size)
+    if len(size) not in (1, 2) or any(int(s) <= 0 for s in size):
+        raise ValueError(f"size must be one or two positive ints (height width), got {size!r}")
+    hw = (int(size[0]), int(size[-1]))
+    if tuple(images.shape[-2:]) == hw:
+        return images
+    return nn.functional.interpolate(images, size=hw, mode="bilinear", antialias=True, align_corners=False)
 
 
 def num_classes(model: nn.Module) -> int | None:

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .flops import input_size_of
 from .gates import DEPTH, WIDTH, GatePlan, GateSelection, build_student, gate_plan, select_units, unwrap_model
-from .gates.extract import _hard_fractions, _input_size
+from .gates.extract import _hard_fractions
 
 __all__ = ["WidthCandidate", "uniform_counts", "width_candidates", "score_candidates", "pick_candidate"]
 
@@ -116,7 +117,7 @@ def width_candidates(
     if not (len(box) == 2 and 0 < box[0] <= 1 <= box[1]):
         raise ValueError(f"box must be (low, high) with 0 < low <= 1 <= high, got {tuple(box)}")
     inner, plan = unwrap_model(gated), gate_plan(gated)
-    plan.measure(inner, _input_size(inner, input_size))
+    plan.measure(inner, input_size_of(inner, input_size, hint="input_size=(C, H, W) to count FLOPs"))
     uniform = uniform_counts(plan, target_flops_ratio)
     low = {n: max(1, math.ceil(box[0] * u - 1e-9)) for n, u in uniform.items()}
     high = {n: min(plan.groups[n].size, max(1, math.floor(box[1] * u + 1e-9))) for n, u in uniform.items()}

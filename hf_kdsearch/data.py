@@ -172,8 +172,13 @@ def load_image_dataset(
     try:
         return datasets.load_dataset(name, config, streaming=streaming)
     except Exception as err:  # offline, unreachable Hub, unknown repo: all mean "not here"
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-        reason = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub could not be reached or has no such repo"
+        from huggingface_hub import constants
+
+        reason = (
+            "HF_HUB_OFFLINE is set"
+            if constants.HF_HUB_OFFLINE
+            else "the Hugging Face Hub could not be reached or has no such repo"
+        )
         raise DatasetLoadError(
             f"could not load the dataset {name!r}: {reason}, and it is not in the local cache. Pass a local copy as "
             f"path= (parquet files, a save_to_disk folder or an image folder). Underlying error: "

@@ -15,12 +15,11 @@ then exactly those of the exported model (minus the stem), so export is a state-
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +30,12 @@ from torch import nn
 from transformers import EvalPrediction, Trainer, TrainingArguments
 from transformers.trainer_utils import has_length
 
+from .batch import batch_size
 from .checks import check_finite_weights
-from .config import DistillationArguments
+from .config import OnlineEnsembleArguments
 from .hub import save_student
 from .losses import feature_mse, kd_loss, mixed_cross_entropy
+from .metrics import TopKAccuracy
 from .models.cifar import ARCHITECTURES, CifarResNet, CifarWideResNet
 from .trainer import LossMetricsMixin
 
@@ -42,7 +43,6 @@ __all__ = [
     "OnlineEnsemble",
     "OnlineEnsembleArguments",
     "OnlineEnsembleTrainer",
-    "ensemble_arguments",
     "build_ensemble",
     "student_widths",
     "ensemble_loss_terms",
@@ -312,7 +312,8 @@ def ensemble_loss_terms(
     labels: torch.Tensor,
     student_features: Sequence[Sequence[torch.Tensor]],
     adapted_features: Sequence[Sequence[torch.Tensor]],
-    temperature: float = 2.0,
+    *,
+    temperature: float,
 ) -> dict[str, torch.Tensor]:
     """The unweighted terms of the online-ensemble loss, as pure tensor maths.
 
@@ -356,11 +357,14 @@ def ensemble_accuracy(eval_pred: EvalPrediction) -> dict[str, float]:
             f"expected predictions of shape (N, students + 1, classes) for {labels.shape[0]} labels, got "
             f"{predictions.shape}"
         )
-    correct = predictions.argmax(-1) == labels[:, None]
-    accuracy = correct.mean(0)
-    metrics = {f"acc_student{j}": float(a) for j, a in enumerate(accuracy[:-1])}
-    metrics["acc_ensemble"] = float(accuracy[-1])
-    return metrics
+    heads = [f"student{j}" for j in range(predictions.shape[1] - 1)] + ["ensemble"]
+    top1 = _top1_accuracy(tuple(heads))(EvalPrediction(predictions=predictions, label_ids=labels))
+    return {f"acc_{name.removesuffix('_top1')}": float(value) for name, value in top1.items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _top1_accuracy(heads: tuple[str, ...]) -> TopKAccuracy:
+    return TopKAccuracy(top_k=(1,), heads=heads)
 
 
 def adam_l2(args: TrainingArguments) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
@@ -386,97 +390,6 @@ def adam_l2(args: TrainingArguments) -> tuple[type[torch.optim.Optimizer], dict[
     }
 
 
-# ---- configuration -------------------------------------------------------------------------------------------------
-# The single-teacher KD settings of DistillationArguments: the ensemble has no teacher and its own T and weights.
-_KD_ONLY = ("temperature", "alpha", "teacher_dtype", "teacher_compile")
-_KD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DistillationArguments) if f.name in _KD_ONLY}
-
-
-def _check_number(name: str, value: Any, *, positive: bool = False) -> None:
-    ok = isinstance(value, int | float) and math.isfinite(value) and (value > 0 if positive else value >= 0)
-    if not ok:
-        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {name}={value!r}")
-
-
-@dataclass
-class OnlineEnsembleArguments(DistillationArguments):
-    """`TrainingArguments` plus the online ensemble's settings, for `OnlineEnsembleTrainer`.
-
-    The loss is `ce_weight * sum_j CE(z_j, y) + feature_weight * L_int + kd_weight * L_KD` at temperature T
-    (Walawalkar et al. 2020, https://arxiv.org/abs/2011.07449); the defaults are the paper's. The adapter settings
-    follow the authors' released code. It extends `DistillationArguments` for its GPU data path (`device_augment`,
-    `channels_last`, `image_mean`/`image_std`); the single-teacher settings (`alpha`, `teacher_dtype`,
-    `teacher_compile`) have no meaning here and are refused.
-    """
-
-    temperature: float = field(
-        default=2.0, metadata={"help": "Softmax temperature T of the KD term from the students' mean; must be > 0."}
-    )
-    ce_weight: float = field(default=0.7, metadata={"help": "Weight of the summed cross-entropy of every student."})
-    feature_weight: float = field(
-        default=0.15,
-        metadata={"help": "Weight of L_int, the MSE between adapted narrow-student stage outputs and student 0's."},
-    )
-    kd_weight: float = field(
-        default=0.15, metadata={"help": "Weight of L_KD, every student distilled from the students' detached mean."}
-    )
-    adapter_lr_scale: float = field(
-        default=0.5,
-        metadata={"help": "The 1x1 adapters' learning rate as a fraction of learning_rate (authors' code: 0.5)."},
-    )
-    adapter_freeze_epochs: float = field(
-        default=1.0,
-        metadata={
-            "help": "The adapters are not updated in the first this many epochs' worth of optimizer steps (1: not in "
-            "the first epoch, as in the authors' code; 0: from the start). The feature loss still trains the students "
-            "through them. On a stream (no epoch length) an epoch counts as max_steps / num_train_epochs steps."
-        },
-    )
-    adapter_freeze_steps: int | None = field(
-        default=None,
-        metadata={"help": "The adapters' freeze in optimizer steps; replaces adapter_freeze_epochs when set."},
-    )
-
-    def __post_init__(self):
-        for name in ("ce_weight", "feature_weight", "kd_weight", "adapter_lr_scale", "adapter_freeze_epochs"):
-            _check_number(name, getattr(self, name))
-        if self.adapter_freeze_steps is not None:
-            _check_number("adapter_freeze_steps", self.adapter_freeze_steps)
-        _check_number("temperature", self.temperature, positive=True)
-        changed = [n for n in _KD_ONLY if n != "temperature" and getattr(self, n) != _KD_DEFAULTS[n]]
-        if changed:
-            raise ValueError(
-                f"{', '.join(f'{n}={getattr(self, n)!r}' for n in changed)}: single-teacher KD settings, unused by the "
-                "online ensemble (no teacher); set ce_weight, feature_weight, kd_weight and temperature instead"
-            )
-        super().__post_init__()
-
-
-def ensemble_arguments(args: TrainingArguments | None, **overrides: Any) -> OnlineEnsembleArguments:
-    """`args` as `OnlineEnsembleArguments`: returned as is, or converted once, with `overrides` applied.
-
-    Plain `TrainingArguments` keep every field and get the ensemble's defaults. `DistillationArguments` keep their
-    data-path fields too; their single-teacher KD settings do not carry over (the ensemble's T is 2, not KD's 4), and a
-    warning names those that were changed, since they have no effect.
-    """
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if isinstance(args, OnlineEnsembleArguments) and not overrides:
-        return args
-    if args is None:
-        return OnlineEnsembleArguments(output_dir="trainer_output", **overrides)
-    values = args.to_dict()
-    values["hub_token"] = args.hub_token  # to_dict masks tokens
-    if not isinstance(args, OnlineEnsembleArguments):
-        ignored = [n for n in _KD_ONLY if n in values and values.pop(n) != _KD_DEFAULTS[n]]
-        if ignored:
-            logger.warning(
-                "OnlineEnsembleTrainer ignores args.%s (single-teacher KD settings); use OnlineEnsembleArguments "
-                "(temperature, ce_weight, feature_weight, kd_weight) instead",
-                "/".join(ignored),
-            )
-    return OnlineEnsembleArguments(**{**values, **overrides})
-
-
 class OnlineEnsembleTrainer(LossMetricsMixin, Trainer):
     """Trains an `OnlineEnsemble` with the online ensemble distillation loss (Walawalkar et al. 2020,
     https://arxiv.org/abs/2011.07449):
@@ -487,10 +400,8 @@ class OnlineEnsembleTrainer(LossMetricsMixin, Trainer):
     widest student's (detached) ones, and every student is distilled at temperature T from the detached mean of all
     students' logits. No pretrained teacher is needed. The defaults are the paper's: 0.7, 0.15, 0.15 and T = 2.
 
-    Settings come from `OnlineEnsembleArguments`. Other `TrainingArguments` (`DistillationArguments` included) are
-    converted once by `ensemble_arguments`, with the ensemble's defaults; `self.args` is then the converted copy. The
-    keyword arguments `ce_weight`, `feature_weight`, `kd_weight` and `temperature` of earlier versions still work and
-    override the arguments' values.
+    Settings come from `OnlineEnsembleArguments`; plain `TrainingArguments` are converted once (`upcast_arguments`),
+    with the ensemble's defaults.
 
     As in the authors' code, the adapters train at `adapter_lr_scale` times the learning rate (their own optimizer
     parameter groups, so every scheduler keeps the ratio) and are not updated in the first `adapter_freeze_epochs`
@@ -515,44 +426,17 @@ class OnlineEnsembleTrainer(LossMetricsMixin, Trainer):
     ```
     """
 
-    def __init__(
-        self,
-        model: OnlineEnsemble | None = None,
-        args: TrainingArguments | None = None,
-        *trainer_args: Any,
-        ce_weight: float | None = None,
-        feature_weight: float | None = None,
-        kd_weight: float | None = None,
-        temperature: float | None = None,
-        **kwargs: Any,
-    ):
-        args = ensemble_arguments(
-            args, ce_weight=ce_weight, feature_weight=feature_weight, kd_weight=kd_weight, temperature=temperature
-        )
+    args_class = OnlineEnsembleArguments
+
+    def __init__(self, model: OnlineEnsemble | None = None, *args: Any, **kwargs: Any):
         if kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = ensemble_accuracy
-        super().__init__(model, args, *trainer_args, **kwargs)
+        super().__init__(model, *args, **kwargs)
         self._freeze_steps: int | None = None
         if not isinstance(self.model, OnlineEnsemble):
             raise TypeError(
                 f"OnlineEnsembleTrainer trains an OnlineEnsemble (from build_ensemble), got {type(self.model).__name__}"
             )
-
-    @property
-    def ce_weight(self) -> float:
-        return float(self.args.ce_weight)
-
-    @property
-    def feature_weight(self) -> float:
-        return float(self.args.feature_weight)
-
-    @property
-    def kd_weight(self) -> float:
-        return float(self.args.kd_weight)
-
-    @property
-    def temperature(self) -> float:
-        return float(self.args.temperature)
 
     def _adapter_parameters(self) -> list[nn.Parameter]:
         return list(self.model.adapters.parameters())
@@ -620,19 +504,16 @@ class OnlineEnsembleTrainer(LossMetricsMixin, Trainer):
             labels,
             outputs["student_features"],
             outputs["adapted_features"],
-            self.temperature,
+            temperature=self.args.temperature,
         )
         ce = [terms[f"ce_student{j}"] for j in range(len(outputs["student_logits"]))]
         losses = {
-            "loss_ce": self.ce_weight * torch.stack(ce).sum(),
-            "loss_int": self.feature_weight * terms["int"],
-            "loss_kd": self.kd_weight * terms["kd"],
+            "loss_ce": self.args.ce_weight * torch.stack(ce).sum(),
+            "loss_int": self.args.feature_weight * terms["int"],
+            "loss_kd": self.args.kd_weight * terms["kd"],
         }
-        mode = "train" if model.training else "eval"
-        for name, value in losses.items():
-            self.record_metric(name, value, mode)
-        for j, value in enumerate(ce):
-            self.record_metric(f"ce_student{j}", value, mode)
+        # ce_student{j} are unweighted diagnostics, not summands of the loss, but averaged the same way.
+        self.record_loss_terms({**losses, **{f"ce_student{j}": v for j, v in enumerate(ce)}}, batch_size(inputs))
         loss = sum(losses.values())
         return (loss, outputs) if return_outputs else loss
 

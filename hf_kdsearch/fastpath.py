@@ -29,19 +29,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
+from .batch import SampleIndexDataset, unwrap
+from .config import DistillationArguments
 from .data import TensorImageDataset, collate_tensor_batch
 
 __all__ = [
     "DeviceAugment",
     "DeviceImageDataset",
-    "SampleIndexDataset",
     "crop_flip",
     "draw_crop_flip",
     "normalize_images",
     "random_crop_flip",
-    "resize_images",
     "setup_fast_path",
 ]
 
@@ -109,25 +108,6 @@ def crop_flip(
     return images[batch, channel, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
 
 
-def resize_images(images: torch.Tensor, size: Sequence[int] | int) -> torch.Tensor:
-    """Bilinear resize of `(N, C, H, W)` float images to `size` (one int, or `(height, width)`), with antialiasing,
-    on the images' device; the images themselves when they already have that size.
-
-    A per-channel normalisation commutes with it (the weights of each output pixel sum to 1), so normalised batches
-    can be resized as they are. Used to feed a teacher at its own resolution from the student's batch, once per
-    batch, without decoding the images twice.
-    """
-    if images.ndim != 4:
-        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
-    size = [size] if isinstance(size, int) else list(size)
-    if len(size) not in (1, 2) or any(int(s) <= 0 for s in size):
-        raise ValueError(f"size must be one or two positive ints (height width), got {size!r}")
-    hw = (int(size[0]), int(size[-1]))
-    if tuple(images.shape[-2:]) == hw:
-        return images
-    return nn.functional.interpolate(images, size=hw, mode="bilinear", antialias=True, align_corners=False)
-
-
 def random_crop_flip(
     images: torch.Tensor, padding: int = 4, flip: bool = True, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -154,7 +134,7 @@ def normalize_images(
     mean: Sequence[float] | torch.Tensor,
     std: Sequence[float] | torch.Tensor,
     *,
-    channels_last: bool = False,
+    channels_last: bool,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """`(images / 255 - mean) / std` for uint8 images, as one conversion and one fused multiply-add.
@@ -204,7 +184,7 @@ class DeviceAugment:
 
     Example:
     ```python
-    augment = DeviceAugment(mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), channels_last=True)
+    augment = DeviceAugment(CIFAR100_MEAN, CIFAR100_STD, padding=4, flip=True, channels_last=True)
     batch = augment({"pixel_values": uint8_images.cuda(), "labels": labels.cuda()}, train=True)
     ```
     """
@@ -214,9 +194,9 @@ class DeviceAugment:
         mean: Sequence[float],
         std: Sequence[float],
         *,
-        padding: int = 4,
-        flip: bool = True,
-        channels_last: bool = False,
+        padding: int,
+        flip: bool,
+        channels_last: bool,
     ):
         if len(mean) != len(std):
             raise ValueError(f"mean and std need one value per channel; got mean={list(mean)} std={list(std)}")
@@ -230,16 +210,16 @@ class DeviceAugment:
 
     @classmethod
     def from_args(cls, args: Any, model: nn.Module) -> DeviceAugment | None:
-        """The augmentation `args` ask for (`device_augment`, `augment_padding`, `augment_flip`, `image_mean`,
-        `image_std`, `channels_last`), or None when `device_augment` is off or absent (plain `TrainingArguments`).
+        """The augmentation `args` (`DataPathArguments`) ask for (`device_augment`, `augment_padding`, `augment_flip`,
+        `image_mean`, `image_std`, `channels_last`), or None when `device_augment` is off.
 
         Mean and std default to the model's timm `pretrained_cfg`, the statistics it was built to expect.
         """
-        if not getattr(args, "device_augment", False):
+        if not args.device_augment:
             return None
-        mean, std = getattr(args, "image_mean", None), getattr(args, "image_std", None)
+        mean, std = args.image_mean, args.image_std
         if mean is None or std is None:
-            cfg = getattr(getattr(model, "module", model), "pretrained_cfg", None) or {}
+            cfg = getattr(unwrap(model), "pretrained_cfg", None) or {}
             if "mean" not in cfg or "std" not in cfg:
                 raise ValueError(
                     f"device_augment=True normalises on the device but {type(model).__name__} carries no "
@@ -250,9 +230,9 @@ class DeviceAugment:
         return cls(
             mean,
             std,
-            padding=getattr(args, "augment_padding", 4),
-            flip=getattr(args, "augment_flip", True),
-            channels_last=getattr(args, "channels_last", False),
+            padding=args.augment_padding,
+            flip=args.augment_flip,
+            channels_last=args.channels_last,
         )
 
     @staticmethod
@@ -356,46 +336,6 @@ class DeviceImageDataset(TensorImageDataset):
         return {"pixel_values": self.images[idx], "labels": self.labels[idx]}
 
 
-class SampleIndexDataset(Dataset):
-    """A map-style dataset whose items (and `__getitems__` batches) also carry `sample_index`, their position.
-
-    Training from a teacher cache, and UNIX with free scoring, look samples up by that index; `DistillationTrainer`
-    wraps its training set in this when either is asked for. Under DDP each rank's batches carry their own indices.
-    """
-
-    def __init__(self, dataset: Any):
-        self.dataset = dataset
-
-    @classmethod
-    def wrap(cls, dataset: Any) -> SampleIndexDataset:
-        return dataset if isinstance(dataset, cls) else cls(dataset)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {**self.dataset[i], "sample_index": torch.tensor(int(i))}
-
-    def __getitems__(self, indices: list[int]) -> Any:
-        inner = getattr(self.dataset, "__getitems__", None)
-        if inner is None:
-            return [self[i] for i in indices]
-        batch = inner(indices)
-        if isinstance(batch, Mapping):
-            return {**batch, "sample_index": torch.as_tensor(indices, dtype=torch.long)}
-        return [{**item, "sample_index": torch.tensor(int(i))} for item, i in zip(batch, indices)]
-
-    def __getattr__(self, name: str) -> Any:
-        # `images`, `labels`, `device`, `collate` ... of the wrapped dataset.
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-
-def _unwrap_dataset(dataset: Any) -> Any:
-    return dataset.dataset if isinstance(dataset, SampleIndexDataset) else dataset
-
-
 #: Why channels_last stays off on CPU: no speed there, and a defect of torch 2.14.1 that kills the process.
 CHANNELS_LAST_ON_CPU = (
     "channels_last=True on CPU: torch 2.14.1's CPU backward of a 1x1 stride-2 convolution in channels_last with fewer "
@@ -415,7 +355,7 @@ def setup_fast_path(trainer: Any) -> DeviceAugment | None:
       `DeviceAugment` that `_prepare_inputs` applies to each batch; None when `device_augment` is off.
     """
     args, model = trainer.args, trainer.model
-    if getattr(args, "channels_last", False):
+    if args.channels_last:
         if args.device.type == "cpu":
             warnings.warn(CHANNELS_LAST_ON_CPU, stacklevel=2)
         model.to(memory_format=torch.channels_last)
@@ -425,7 +365,7 @@ def setup_fast_path(trainer: Any) -> DeviceAugment | None:
     datasets = [trainer.train_dataset]
     eval_dataset = trainer.eval_dataset
     datasets += list(eval_dataset.values()) if isinstance(eval_dataset, Mapping) else [eval_dataset]
-    datasets = [_unwrap_dataset(d) for d in datasets]
+    datasets = [SampleIndexDataset.unwrap(d) for d in datasets]
     if args.remove_unused_columns and any(isinstance(d, DeviceImageDataset) for d in datasets):
         raise ValueError(
             "DeviceImageDataset hands the loader whole batches, which the Trainer's column filter would take apart: "
@@ -442,8 +382,8 @@ def setup_fast_path(trainer: Any) -> DeviceAugment | None:
             f"the dataset lives on {on_device[0].device}, which worker processes cannot share: set "
             f"dataloader_num_workers=0 (got {args.dataloader_num_workers}); a batch is one gather on the device"
         )
-    syncing = [name for name in ("logging_nan_inf_filter",) if getattr(args, name, False)]
-    if hasattr(trainer, "teacher_logits") and getattr(args, "check_teacher_finite", False):
+    syncing = ["logging_nan_inf_filter"] if args.logging_nan_inf_filter else []
+    if isinstance(args, DistillationArguments) and args.check_teacher_finite:
         syncing.append("check_teacher_finite")
     if syncing and torch.cuda.is_available():
         logger.warning(

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .batch import forward_model
 
-__all__ = ["count_flops"]
+__all__ = ["count_flops", "input_size_of"]
 
 
 def count_flops(model: nn.Module, input_size: Sequence[int] = (3, 32, 32)) -> int:
@@ -31,3 +31,16 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (3, 32, 32)) -> in
     finally:
         model.train(was_training)
     return int(counter.get_total_flops())
+
+
+def input_size_of(
+    model: nn.Module, input_size: Sequence[int] | None = None, *, hint: str = "input_size=(C, H, W)"
+) -> tuple[int, ...]:
+    """The `(C, H, W)` of one sample to count `model`'s FLOPs on: `input_size` when given, else the model's timm
+    `pretrained_cfg["input_size"]`; a `ValueError` telling the caller to pass `hint` when neither says."""
+    if input_size is not None:
+        return tuple(int(s) for s in input_size)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if not cfg.get("input_size"):
+        raise ValueError(f"{type(model).__name__} has no pretrained_cfg['input_size']; pass {hint}")
+    return tuple(int(s) for s in cfg["input_size"])

@@ -27,7 +27,6 @@ Loaders, after `import hf_kdsearch` (which registers the `cifar_*` and `mnist_*`
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
 import logging
 import math
@@ -43,9 +42,11 @@ import torch
 from torch import nn
 
 from .atomic import atomic_folder
+from .batch import unwrap
 from .checks import check_finite_weights
 from .loading import HubUnavailableError, hub_unreachable_reason, load_model, network_errors
 from .redact import redact_text
+from .versions import version, versions
 
 __all__ = ["HubUnavailableError", "save_student", "push_student", "load_student", "CARD_KEYS"]
 
@@ -148,7 +149,7 @@ def _save(
 ) -> Path:
     from safetensors.torch import save_file
 
-    model = _unwrap(model)
+    model = unwrap(model, timm_wrapper=True)
     card = _check_card(card)
     extra = _check_files(files)
     if not isinstance(getattr(model, "pretrained_cfg", None), dict):
@@ -173,15 +174,6 @@ def _save(
         text = _card_text(config, card, [p.name for p in extra], repo_id=repo_id, folder=folder)
         (tmp / CARD_NAME).write_text(text, encoding="utf-8")
     return folder
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP/FSDP keep the model in `.module`, torch.compile in `._orig_mod`, transformers' TimmWrapper in `.timm_model`.
-    for attr in ("module", "_orig_mod", "timm_model"):
-        inner = getattr(model, attr, None)
-        if isinstance(inner, nn.Module):
-            return _unwrap(inner)
-    return model
 
 
 def _check_card(card: Mapping | None) -> dict:
@@ -325,7 +317,7 @@ def _card_text(config: dict, card: dict, extra: list[str], *, repo_id: str | Non
         _card_data(config, card, name=repo_id.split("/")[-1] if repo_id else folder.name),
         template_path=str(CARD_TEMPLATE),
         name=repo_id.split("/")[-1] if repo_id else folder.name,
-        summary=summary + f", exported by hf_kdsearch {_versions()['hf_kdsearch']} in timm's format.",
+        summary=summary + f", exported by hf_kdsearch {version('hf_kdsearch')} in timm's format.",
         rows=[(label, _cell(value)) for label, value in _card_rows(config, card)],
         widths=_fmt_json(card["widths"]) if "widths" in card else None,
         arch_repr=repr(arch),
@@ -336,7 +328,7 @@ def _card_text(config: dict, card: dict, extra: list[str], *, repo_id: str | Non
         command=card.get("command"),
         timm_name=repr(f"hf-hub:{repo_id}" if repo_id else f"local-dir:{where}"),
         where=repr(where),
-        versions=list(_versions().items()),
+        versions=list(versions().items()),
         hardware=card.get("hardware") or _hardware(),
         notes=card.get("notes"),
     )
@@ -436,16 +428,6 @@ def _fmt_json(value: Any) -> str:
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, (list, tuple, Mapping)) for v in value):
         return "[\n" + ",\n".join(f"  {json.dumps(v)}" for v in value) + "\n]"
     return json.dumps(value)
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("hf_kdsearch", "torch", "transformers", "timm", "huggingface_hub", "safetensors"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 def _hardware() -> str:
@@ -558,7 +540,7 @@ def _upload(model, folder: Path, repo_id: str, save: dict, *, token, private, me
 
     if constants.is_offline_mode():
         raise OfflineModeIsEnabled("HF_HUB_OFFLINE is set")
-    api = HfApi(token=token, library_name="hf_kdsearch", library_version=_versions()["hf_kdsearch"])
+    api = HfApi(token=token, library_name="hf_kdsearch", library_version=version("hf_kdsearch"))
     with _bounded_requests(timeout):
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         if url.repo_id != repo_id:  # the Hub completed an implicit namespace: the card's snippets must say so

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 __all__ = ["kd_loss", "soft_target_cross_entropy", "mixed_cross_entropy", "feature_mse"]
 
 
-def kd_loss(student_logits: torch.Tensor, *, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+def kd_loss(student_logits: torch.Tensor, *, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton et al.'s soft-target loss, `T^2 * KL(softmax(t / T) || softmax(s / T))`.
 
     `teacher_logits` is keyword-only: the two tensors look alike, and swapping them would silently send the gradient

@@ -31,7 +31,7 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
 from .candidates import WidthCandidate, pick_candidate, score_candidates, width_candidates
-from .flops import count_flops
+from .flops import count_flops, input_size_of
 from .gates import (
     DEPTH,
     WIDTH,
@@ -266,7 +266,7 @@ class GateSearchCallback(DistillationCallback, ExportableState):
         if self.write_report and state.is_world_process_zero:
             self._check_report_dir(args)
         plan = gate_plan(model)
-        self.input_size = self.input_size or _default_input_size(model)
+        self.input_size = self.input_size or input_size_of(model, hint="GateSearchCallback(input_size=(C, H, W))")
         plan.measure(model, self.input_size)
         check_budget(plan, self.target_flops_ratio)  # fail now, not after the search
         gates = gate_parameters(model)
@@ -357,10 +357,10 @@ class GateSearchCallback(DistillationCallback, ExportableState):
             inputs = trainer._prepare_inputs(batch)
             logits = inner(inputs["pixel_values"])
             logits = getattr(logits, "logits", logits)
-            teacher = trainer.teacher_logits(inputs) if trainer.alpha > 0 else None
+            teacher = trainer.teacher_logits(inputs) if trainer.args.alpha > 0 else None
             if teacher is None:
                 return F.cross_entropy(logits, inputs["labels"])
-            return kd_loss(logits, teacher_logits=teacher, temperature=trainer.temperature)
+            return kd_loss(logits, teacher_logits=teacher, temperature=trainer.args.temperature)
 
         was_training = inner.training
         inner.train()  # BatchNorm on batch statistics, as during the search
@@ -439,15 +439,6 @@ class GateSearchCallback(DistillationCallback, ExportableState):
         if self.report is None:
             raise RuntimeError("no search report yet: it is written at the end of training (write_report=True)")
         return {**report_card(self.report), **extra}
-
-
-def _default_input_size(model: nn.Module) -> tuple[int, ...]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if not cfg.get("input_size"):
-        raise ValueError(
-            f"{type(model).__name__} has no pretrained_cfg['input_size']; pass GateSearchCallback(input_size=(C, H, W))"
-        )
-    return tuple(cfg["input_size"])
 
 
 def _params(model: nn.Module, skip: set[int] = frozenset()) -> int:

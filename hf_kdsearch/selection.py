@@ -29,8 +29,9 @@ from torch import nn
 from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
+from .batch import batch_size, sample_index
 from .flops import count_flops
-from .trainer import LOSS_KEYS, DistillationCallback, DistillationMixin
+from .trainer import DistillationCallback, DistillationMixin
 
 __all__ = [
     "UNCERTAINTY_MEASURES",
@@ -431,14 +432,16 @@ class UncertaintyMixupCallback(DistillationCallback, ExportableState):
         if not self._started:
             self._start(trainer, model, inputs)
         x = inputs.get(self.mix_key)
-        n = x.shape[0] if isinstance(x, torch.Tensor) else _first_dim(inputs)
+        n = x.shape[0] if isinstance(x, torch.Tensor) else batch_size(inputs)
+        if n == 0:
+            raise ValueError(f"cannot find a per-sample tensor in the batch (keys: {sorted(inputs)})")
         device = x.device if isinstance(x, torch.Tensor) else trainer.accelerator.device
         rng, numpy_rng = self._rng(device, trainer.state.global_step)
 
         if self.uncertainty == "random":
             scores = torch.rand(n, device=device, generator=rng)
         elif self.scoring == "free" and int(trainer.state.epoch or 0) > 0:
-            scores = self._score_table(device)[_sample_index(inputs)]
+            scores = self._score_table(device)[sample_index(inputs, "scoring='free'")]
             trainer.record_metric("uncertainty", scores.mean(), "train")
         else:
             scorer = _unwrap_ddp(model)
@@ -448,7 +451,7 @@ class UncertaintyMixupCallback(DistillationCallback, ExportableState):
             trainer.record_metric("uncertainty", scores.mean(), "train")
             self.scored_samples += n
             if self.scoring == "free":
-                self._store_scores(_sample_index(inputs), scores)
+                self._store_scores(sample_index(inputs, "scoring='free'"), scores)
 
         lam = partner = None
         if self.mixup:
@@ -469,7 +472,9 @@ class UncertaintyMixupCallback(DistillationCallback, ExportableState):
             self.teacher_forwards += 1
         if self.scoring == "free" and model.training:
             # The training forward's scores, for free: what the next epoch ranks these samples by.
-            self._store_scores(_sample_index(inputs), uncertainty_scores(student_logits.detach(), self.uncertainty))
+            self._store_scores(
+                sample_index(inputs, "scoring='free'"), uncertainty_scores(student_logits.detach(), self.uncertainty)
+            )
         return None
 
     def _start(self, trainer: DistillationMixin, model: nn.Module, inputs: Mapping[str, Any]) -> None:
@@ -625,21 +630,3 @@ class UncertaintyMixupCallback(DistillationCallback, ExportableState):
                 f"UNIX: the teacher ran on {teacher:,} of {seen:,} samples ({fraction:.2%}) in {forwards:,} forwards; "
                 + (f"estimated cost {cost:.2%} of plain KD" if cost is not None else "cost not estimated")
             )
-
-
-def _sample_index(inputs: Mapping[str, Any]) -> torch.Tensor:
-    index = inputs.get("sample_index")
-    if not isinstance(index, torch.Tensor):
-        raise KeyError(
-            "scoring='free' needs 'sample_index' in every batch: DistillationTrainer adds it when the callback is "
-            "passed at construction (callbacks=[...]); a custom collator must keep the key. Got keys "
-            f"{sorted(inputs)}"
-        )
-    return index
-
-
-def _first_dim(inputs: Mapping[str, Any]) -> int:
-    for key, value in inputs.items():
-        if key not in LOSS_KEYS and isinstance(value, torch.Tensor) and value.ndim > 0:
-            return value.shape[0]
-    raise ValueError(f"cannot find a per-sample tensor in the batch (keys: {sorted(inputs)})")

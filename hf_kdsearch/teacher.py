@@ -35,8 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batch import forward_model, logits_of, num_classes, takes_keywords, unwrap
-from .fastpath import resize_images
+from .batch import FROZEN_FLAG, forward_model, logits_of, num_classes, resize_images, takes_keywords, unwrap
 
 __all__ = [
     "TeacherLoadError",
@@ -80,7 +79,6 @@ def load_teacher(name_or_path: str, **kwargs: Any) -> nn.Module:
 
 
 #: Set on a teacher by `freeze_teacher`; `add_gates` reads it to thaw a deep copy meant as a student.
-FROZEN_FLAG = "_hf_kdsearch_frozen_teacher"
 
 
 def freeze_teacher(teacher: nn.Module) -> nn.Module:
@@ -263,8 +261,7 @@ def image_stats(
     """
     if mean is not None and std is not None:
         return ImageStats(tuple(map(float, mean)), tuple(map(float, std)), "explicit arguments")
-    inner = unwrap(model)
-    inner = getattr(inner, "timm_model", inner)
+    inner = unwrap(model, timm_wrapper=True)
     for cfg in (
         getattr(inner, "pretrained_cfg", None),
         getattr(getattr(inner, "config", None), "pretrained_cfg", None),
@@ -428,7 +425,7 @@ class Teacher(TeacherSource):
         channels_last: move the teacher's 4-D weights to channels_last.
         check_finite: raise `FloatingPointError` on non-finite logits (one host sync per call).
         image_size: the teacher's input resolution (one int, or height and width) when it differs from the student's:
-            each batch is resized on the device (`fastpath.resize_images`), once, after the re-normalisation.
+            each batch is resized on the device (`batch.resize_images`), once, after the re-normalisation.
 
     Before the first call, `expect_student(stats, num_classes)` tells it what the student is fed and predicts.
     """
@@ -438,13 +435,13 @@ class Teacher(TeacherSource):
         model: nn.Module | str | os.PathLike,
         *,
         name: str | None = None,
-        image_mean: Sequence[float] | None = None,
-        image_std: Sequence[float] | None = None,
-        dtype: str | torch.dtype | None = None,
-        compile: bool = False,
-        channels_last: bool = False,
-        check_finite: bool = True,
-        image_size: int | Sequence[int] | None = None,
+        image_mean: Sequence[float] | None,
+        image_std: Sequence[float] | None,
+        dtype: str | torch.dtype | None,
+        compile: bool,
+        channels_last: bool,
+        check_finite: bool,
+        image_size: int | Sequence[int] | None,
     ):
         source = os.fspath(model) if isinstance(model, str | os.PathLike) else None
         module = load_teacher(source) if source is not None else model
@@ -472,18 +469,18 @@ class Teacher(TeacherSource):
     @classmethod
     def from_args(cls, model: nn.Module | str | os.PathLike, args: Any, *, name: str | None = None) -> Teacher:
         """The teacher as a run with these `DistillationArguments` uses it (`teacher_image_mean`/`teacher_image_std`,
-        `teacher_dtype`, `teacher_compile`, `channels_last`, `check_teacher_finite`, `teacher_image_size`; plain
-        `TrainingArguments` get the defaults). Online KD and the teacher cache both build their teacher here."""
+        `teacher_dtype`, `teacher_compile`, `channels_last`, `check_teacher_finite`, `teacher_image_size`). Online KD
+        and the teacher cache both build their teacher here."""
         return cls(
             model,
             name=name,
-            image_mean=getattr(args, "teacher_image_mean", None),
-            image_std=getattr(args, "teacher_image_std", None),
-            dtype=getattr(args, "teacher_dtype", None),
-            compile=getattr(args, "teacher_compile", False),
-            channels_last=getattr(args, "channels_last", False),
-            check_finite=getattr(args, "check_teacher_finite", True),
-            image_size=getattr(args, "teacher_image_size", None),
+            image_mean=args.teacher_image_mean,
+            image_std=args.teacher_image_std,
+            dtype=args.teacher_dtype,
+            compile=args.teacher_compile,
+            channels_last=args.channels_last,
+            check_finite=args.check_teacher_finite,
+            image_size=args.teacher_image_size,
         )
 
     def __repr__(self) -> str:

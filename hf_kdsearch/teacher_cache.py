@@ -46,6 +46,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,10 +55,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .atomic import atomic_folder
-from .batch import num_classes
+from .batch import SampleIndexDataset, num_classes, sample_index
+from .config import DistillationArguments, upcast_arguments
 from .data import collate_tensor_batch
-from .fastpath import DeviceAugment, SampleIndexDataset, draw_crop_flip
+from .fastpath import DeviceAugment, draw_crop_flip
 from .teacher import DistillationRun, ImageStats, Teacher, TeacherAccuracyCheck, TeacherSource, image_stats
+
+#: The README.md of a saved or pushed cache.
+CARD_TEMPLATE = Path(__file__).parent / "templates" / "teacher_cache_card.md"
 
 __all__ = ["TeacherCache", "CachedTeacher", "TeacherCacheError", "check_replayable", "dataset_fingerprint"]
 
@@ -94,7 +99,7 @@ def dataset_fingerprint(dataset: Any) -> str:
     - `datasets.Dataset`: its own `_fingerprint`, which follows its content and transforms;
     - anything else: SHA-256 of the first, middle and last items' tensors and numbers.
     """
-    dataset = dataset.dataset if isinstance(dataset, SampleIndexDataset) else dataset
+    dataset = SampleIndexDataset.unwrap(dataset)
     images, labels = getattr(dataset, "images", None), getattr(dataset, "labels", None)
     digest = hashlib.sha256()
     if isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor):
@@ -143,7 +148,7 @@ def check_replayable(dataset: Any, probes: int = 8) -> None:
     A `datasets.Dataset` with a transform applied at every read (`with_transform`, `set_transform`) is refused as
     such; any dataset has `probes` items, spread over it, read twice and compared. Raises `TeacherCacheError`.
     """
-    dataset = dataset.dataset if isinstance(dataset, SampleIndexDataset) else dataset
+    dataset = SampleIndexDataset.unwrap(dataset)
     fmt = getattr(dataset, "format", None)
     if isinstance(fmt, Mapping) and fmt.get("type") == "custom":
         transform = (fmt.get("format_kwargs") or {}).get("transform")
@@ -212,7 +217,7 @@ def _plan(
     if augment is not None and augment.padding == 0 and not augment.flip and num_views > 1:
         raise ValueError(f"num_views={num_views} but the augmentation draws nothing (augment_padding=0, no flip)")
     # What the student is fed, as the trainer reads it: explicit image_mean/image_std, else the student's own.
-    mean, std = getattr(args, "image_mean", None), getattr(args, "image_std", None)
+    mean, std = args.image_mean, args.image_std
     if student is not None:
         stats = image_stats(student, mean=mean, std=std)
     elif mean is not None and std is not None:
@@ -262,9 +267,7 @@ def _teacher_pass(
     from accelerate import Accelerator
 
     _ = args.device  # TrainingArguments set up Accelerate's state here; the trainer's Accelerator then agrees with ours
-    accelerator = Accelerator(
-        mixed_precision=getattr(args, "mixed_precision", None) or "no", cpu=bool(getattr(args, "use_cpu", False))
-    )
+    accelerator = Accelerator(mixed_precision=getattr(args, "mixed_precision", None) or "no", cpu=args.use_cpu)
     source.prepare(accelerator)
     device = accelerator.device
     n = len(train_dataset)
@@ -321,7 +324,7 @@ def _measured_accuracy(source: Teacher, logits: torch.Tensor, labels: torch.Tens
     check = TeacherAccuracyCheck(
         reported=source.reported_accuracy,
         scope=f"all {{n}} stored views ({r} per sample)",
-        strict=bool(getattr(args, "check_teacher_accuracy", True)),
+        strict=args.check_teacher_accuracy,
         hint=" Nothing was stored: the cache was not built.",
     )
     batch = {"labels": labels.repeat_interleave(r)}
@@ -411,6 +414,7 @@ class TeacherCache(TeacherSource):
         Raises `TeacherCheckError` (a teacher near chance or far below its card), `TeacherCacheError` (a dataset that
         cannot be replayed, logits beyond `logits_dtype`) and `FloatingPointError` (non-finite logits).
         """
+        args = upcast_arguments(args, DistillationArguments)
         plan = _plan(
             teacher,
             train_dataset,
@@ -443,6 +447,7 @@ class TeacherCache(TeacherSource):
         anything is trained. Takes `build`'s arguments.
         """
         path = os.path.abspath(os.fspath(path))
+        args = upcast_arguments(args, DistillationArguments)
         source, augment, info = _plan(
             teacher,
             train_dataset,
@@ -581,35 +586,11 @@ class TeacherCache(TeacherSource):
     # ---- saving and loading ------------------------------------------------------------------------------------------
     def card(self) -> str:
         """The README.md of a saved or pushed cache: YAML header, then what the cache holds and how to use it."""
-        info = self.info
-        aug = info["augmentation"]
-        aug_text = (
-            "none (the images as the dataset holds them)"
-            if not aug
-            else f"random crop with {aug['padding']} px zero padding" + (", horizontal flip" if aug["flip"] else "")
-        )
-        stored = f"top-{info['top_k']} values and classes" if info["top_k"] else f"all {info['num_classes']} logits"
-        rows = [
-            ("teacher", f"`{info['teacher']}`"),
-            ("views per sample (R)", info["num_views"]),
-            ("augmentation", aug_text),
-            ("stored", f"{stored}, {info['logits_dtype']}"),
-            ("samples", info["num_samples"]),
-            ("classes", info["num_classes"]),
-            ("dataset fingerprint", f"`{info['dataset_fingerprint']}`"),
-            ("seed of the views", info["seed"]),
-            ("teacher accuracy on every stored view", _accuracy_text(info.get("teacher_accuracy"))),
-        ]
-        table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-        return (
-            "---\ntags:\n- hf_kdsearch\n- knowledge-distillation\n- teacher-cache\n---\n\n"
-            "# Teacher cache\n\nSoft labels of a teacher on stored augmented views of every training image, for "
-            "distillation without running the teacher (FKD-style replay).\n\n"
-            f"| | |\n|---|---|\n{table}\n\n"
-            "```python\nfrom hf_kdsearch import DistillationTrainer, TeacherCache\n\n"
-            "cache = TeacherCache.load_from_hub(REPO_ID)   # or TeacherCache.load_from_disk(folder)\n"
-            "trainer = DistillationTrainer(model=student, teacher_cache=cache, args=args, train_dataset=train)\n```\n\n"
-            f"`{INFO_FILE}` holds the same facts for programs.\n"
+        import jinja2  # as huggingface_hub's ModelCard.from_template does
+
+        template = jinja2.Template(CARD_TEMPLATE.read_text(), keep_trailing_newline=True)
+        return template.render(
+            **self.info, measured=_accuracy_text(self.info.get("teacher_accuracy")), info_file=INFO_FILE
         )
 
     def save_to_disk(self, path: str | os.PathLike) -> str:
@@ -835,7 +816,7 @@ class CachedTeacher:
         return _ReplayAugment(self, device_augment, epoch_fn)
 
     def logits(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        index, view = _index(batch), batch.get("view_index")
+        index, view = sample_index(batch, "training from a teacher cache"), batch.get("view_index")
         if view is None:
             raise KeyError("the batch has no 'view_index'; the trainer adds it when it replays the stored views")
         self.prepare(index.device)
@@ -848,16 +829,6 @@ class CachedTeacher:
         return out.scatter_(1, indices, values)
 
 
-def _index(batch: Mapping[str, Any]) -> torch.Tensor:
-    index = batch.get("sample_index")
-    if not isinstance(index, torch.Tensor):
-        raise KeyError(
-            "training from a teacher cache needs 'sample_index' in every batch (DistillationTrainer wraps its "
-            f"train_dataset in SampleIndexDataset for this; a custom collator must keep the key); got {sorted(batch)}"
-        )
-    return index
-
-
 class _ReplayAugment:
     """Stands in for `DeviceAugment` in the trainer: training batches get their stored views, evaluation batches the
     plain normalisation."""
@@ -868,7 +839,7 @@ class _ReplayAugment:
     def __call__(self, batch: Mapping[str, Any], train: bool) -> dict[str, Any]:
         if not train:
             return self.base(batch, train=False) if self.base is not None else dict(batch)
-        index = _index(batch)
+        index = sample_index(batch, "training from a teacher cache")
         self.cached.prepare(index.device)
         view = self.cached.view_ids(int(self.epoch_fn() or 0))[index]
         batch = {**batch, "view_index": view}

@@ -25,22 +25,36 @@ in `log()`, so they reach `log_history` and every `report_to` integration.
 
 from __future__ import annotations
 
-import importlib.metadata
 import math
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.training_args import ParallelMode
 
-from .batch import LOSS_KEYS, batch_size, forward_model, logits_of, num_classes, takes_keywords, unwrap
-from .fastpath import SampleIndexDataset, setup_fast_path
+from .batch import (
+    LOSS_KEYS,
+    SampleIndexDataset,
+    batch_size,
+    forward_model,
+    logits_of,
+    num_classes,
+    takes_keywords,
+    unwrap,
+)
+from .config import DataPathArguments, DistillationArguments, upcast_arguments
+from .fastpath import setup_fast_path
 from .gates import gate_parameter_names
 from .losses import kd_loss, mixed_cross_entropy
 from .teacher import DistillationRun, Teacher, TeacherAccuracyCheck, TeacherSource, image_stats
+from .versions import version
+
+#: The "Distillation" section of the model card, rendered from `distillation_card()`.
+SECTION_TEMPLATE = Path(__file__).parent / "templates" / "distillation_section.md"
 
 __all__ = [
     "LossMetricsMixin",
@@ -119,8 +133,11 @@ class LossMetricsMixin:
 
     # transformers >= 5.19 reads this flag ...
     loss_is_scaled_for_ga = False
+    #: The settings class this trainer reads; other `TrainingArguments` are converted to it once, at init.
+    args_class: type[TrainingArguments] = DataPathArguments
 
     def __init__(self, *args, **kwargs):
+        args, kwargs = self._upcast_args(args, kwargs)
         super().__init__(*args, **kwargs)
         # ... older versions decide from this one (we do no num_items_in_batch normalisation).
         self.model_accepts_loss_kwargs = False
@@ -131,6 +148,15 @@ class LossMetricsMixin:
         self._loss_terms = _LossTerms()
         # GPU data path (fastpath.py): channels_last weights; uint8 batches augmented and normalised on the device.
         self.device_augment = setup_fast_path(self)
+
+    @classmethod
+    def _upcast_args(cls, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The Trainer's positional and keyword arguments with `args` (its second) as `cls.args_class`."""
+        if len(args) > 1:
+            args = (args[0], upcast_arguments(args[1], cls.args_class), *args[2:])
+        else:
+            kwargs["args"] = upcast_arguments(kwargs.get("args"), cls.args_class)
+        return args, kwargs
 
     def _prepare_inputs(self, inputs):
         inputs = super()._prepare_inputs(inputs)
@@ -301,13 +327,12 @@ class DistillationMixin(LossMetricsMixin):
     - `teacher_model`: an `nn.Module`, a local folder, a Hub id or a timm name; default:
       `args.teacher_model_name_or_path`;
     - `teacher_cache`: a `TeacherSource` that answers in the teacher's place: a `TeacherCache` (the teacher's stored
-      outputs on replayed views), a prepared `Teacher`, or a subclass of your own. The trainer calls its `bind(run)`
-      once here (it checks that the source fits the run and returns the batch transform), then `prepare(accelerator)`
-      and `logits(batch)`.
+      outputs on replayed views), a prepared `Teacher` (`Teacher.from_args(model, args)`), or a subclass of your own.
+      The trainer calls its `bind(run)` once here (it checks that the source fits the run and returns the batch
+      transform), then `prepare(accelerator)` and `logits(batch)`.
 
-    It reads `temperature`, `alpha`, `teacher_dtype`, `teacher_compile`, `teacher_image_mean`/`teacher_image_std`,
-    `image_mean`/`image_std`, `check_teacher_finite` and `check_teacher_accuracy` from `args`
-    (`DistillationArguments`; plain `TrainingArguments` get the defaults: T=4, alpha=0.9, both checks on).
+    Its settings are `args`, a `DistillationArguments`; plain `TrainingArguments` are converted once, with the
+    distillation defaults.
 
     The loss (Hinton, Vinyals & Dean 2015, https://arxiv.org/abs/1503.02531) is
     `alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * task_loss`, in float32 and averaged per sample.
@@ -318,6 +343,8 @@ class DistillationMixin(LossMetricsMixin):
     `DistillationCallback`.
     """
 
+    args_class = DistillationArguments
+
     def __init__(
         self,
         *args,
@@ -325,6 +352,7 @@ class DistillationMixin(LossMetricsMixin):
         teacher_cache: Any = None,
         **kwargs,
     ):
+        args, kwargs = self._upcast_args(args, kwargs)
         if teacher_model is not None and teacher_cache is not None:
             raise ValueError("pass teacher_model= or teacher_cache=, not both: a cache replaces the teacher's forward")
         if teacher_cache is not None and not isinstance(teacher_cache, TeacherSource):
@@ -345,9 +373,9 @@ class DistillationMixin(LossMetricsMixin):
             teacher_cache is not None or any(getattr(cb, "needs_sample_index", False) for cb in callbacks)
         ):
             kwargs["train_dataset"] = SampleIndexDataset.wrap(kwargs["train_dataset"])
-        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        training_args = kwargs["args"] if len(args) < 2 else args[1]
         if teacher_model is None and teacher_cache is None:
-            teacher_model = getattr(training_args, "teacher_model_name_or_path", None)
+            teacher_model = training_args.teacher_model_name_or_path
         _check_launch(training_args, teacher_model, teacher_cache)
         super().__init__(*args, **kwargs)
         if not any(p.requires_grad for p in self.model.parameters()):
@@ -361,9 +389,9 @@ class DistillationMixin(LossMetricsMixin):
         self.teacher_cache = teacher_cache
         train = self.train_dataset
         run = DistillationRun(
-            train_dataset=train.dataset if isinstance(train, SampleIndexDataset) else train,
+            train_dataset=SampleIndexDataset.unwrap(train),
             num_classes=num_classes(self.model),
-            student_stats=image_stats(self.model, mean=self._arg("image_mean", None), std=self._arg("image_std", None)),
+            student_stats=image_stats(self.model, mean=self.args.image_mean, std=self.args.image_std),
             augment=self.device_augment,
             callbacks=tuple(self.callback_handler.callbacks),
             seed=self.args.seed,
@@ -374,9 +402,7 @@ class DistillationMixin(LossMetricsMixin):
         self._student_keywords: bool | None = None
         self._user_loss = _defines_compute_loss(type(self))
         reported = self.teacher_source.reported_accuracy
-        self._accuracy_check = (
-            TeacherAccuracyCheck(reported=reported) if self._arg("check_teacher_accuracy", True) else None
-        )
+        self._accuracy_check = TeacherAccuracyCheck(reported=reported) if self.args.check_teacher_accuracy else None
         #: The teacher's top-1 accuracy on the first training step's batches (None until measured, or when unchecked).
         self.teacher_accuracy: float | None = None
         self.samples_seen = 0
@@ -393,18 +419,6 @@ class DistillationMixin(LossMetricsMixin):
                     "teacher_model shares parameters with the student; distil from a separate copy (copy.deepcopy)"
                 )
         return Teacher.from_args(teacher_model, self.args)  # told about the student by `bind`
-
-    # ---- settings with defaults for plain TrainingArguments -------------------------------------------------------
-    def _arg(self, name: str, default: Any) -> Any:
-        return getattr(self.args, name, default)
-
-    @property
-    def temperature(self) -> float:
-        return float(self._arg("temperature", 4.0))
-
-    @property
-    def alpha(self) -> float:
-        return float(self._arg("alpha", 0.9))
 
     # ---- teacher ---------------------------------------------------------------------------------------------------
     @property
@@ -461,8 +475,8 @@ class DistillationMixin(LossMetricsMixin):
         if labels is None:
             if needed:
                 raise ValueError(
-                    f"alpha={self.alpha} < 1 gives the cross-entropy on labels weight {1 - self.alpha:g}, but the "
-                    f"batch has no 'labels' (keys: {sorted(inputs)}). Add labels or set alpha=1.0."
+                    f"alpha={self.args.alpha} < 1 gives the cross-entropy on labels weight {1 - self.args.alpha:g}, "
+                    f"but the batch has no 'labels' (keys: {sorted(inputs)}). Add labels or set alpha=1.0."
                 )
             return None, student_logits, {"logits": student_logits}
         loss = mixed_cross_entropy(student_logits, labels, inputs.get("mix_labels"), inputs.get("mix_weights"))
@@ -477,9 +491,9 @@ class DistillationMixin(LossMetricsMixin):
             if replaced is not None:
                 inputs = replaced
 
-        teacher_logits = self.teacher_logits(inputs) if self.alpha > 0 else None
+        teacher_logits = self.teacher_logits(inputs) if self.args.alpha > 0 else None
         alpha = (
-            self.alpha if teacher_logits is not None else 0.0
+            self.args.alpha if teacher_logits is not None else 0.0
         )  # no teacher outputs (a cache at evaluation): task only
         task_loss, student_logits, outputs = self._task_loss(
             model, inputs, needed=alpha < 1, num_items_in_batch=num_items_in_batch
@@ -490,7 +504,7 @@ class DistillationMixin(LossMetricsMixin):
         losses: dict[str, torch.Tensor] = {}
         if alpha > 0:
             losses["loss_kd"] = alpha * kd_loss(
-                student_logits, teacher_logits=teacher_logits, temperature=self.temperature
+                student_logits, teacher_logits=teacher_logits, temperature=self.args.temperature
             )
         if alpha < 1 and task_loss is not None:
             losses["loss_ce"] = (1 - alpha) * task_loss
@@ -547,11 +561,11 @@ class DistillationMixin(LossMetricsMixin):
             "method": "knowledge distillation (Hinton et al. 2015)"
             + (f" from a teacher cache of {cache['num_views']} stored views per image" if cache else "")
             + (f" with {', '.join(callbacks)}" if callbacks else ""),
-            "temperature": self.temperature,
-            "alpha": self.alpha,
+            "temperature": self.args.temperature,
+            "alpha": self.args.alpha,
             "teacher_accuracy": self.teacher_accuracy,
             "student_accuracy": student_accuracy,
-            "hf_kdsearch_version": _library_version(),
+            "hf_kdsearch_version": version("hf_kdsearch"),
         }
 
     def create_model_card(self, *args, **kwargs) -> None:
@@ -576,44 +590,16 @@ class DistillationMixin(LossMetricsMixin):
         info = self.distillation_card()
         card = ModelCard.load(path)
         card.data.distillation = {k: v for k, v in info.items() if v is not None}
-        rows = [("Teacher", info["teacher"])]
-        cache = info.get("teacher_cache")
-        if cache:
-            stored = f"top-{cache['top_k']} logits" if cache.get("top_k") else "all logits"
-            rows.append(
-                (
-                    "Teacher outputs",
-                    f"a teacher cache: R = {cache['num_views']} stored views per image, {stored} "
-                    f"({cache.get('logits_dtype')}), teacher accuracy on every stored view "
-                    f"{_fmt(cache.get('teacher_accuracy'))}",
-                )
-            )
-        rows += [
-            ("Method", info["method"]),
-            ("Temperature T", f"{info['temperature']:g}"),
-            ("alpha (weight of the KD term)", f"{info['alpha']:g}"),
-            ("Teacher accuracy (first training step's batches)", _fmt(info["teacher_accuracy"])),
-            ("Student accuracy (last evaluation)", _fmt(info["student_accuracy"])),
-            ("hf_kdsearch version", info["hf_kdsearch_version"]),
-        ]
-        table = "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
-        section = (
-            "## Distillation\n\nThis model was distilled from a teacher with hf_kdsearch's `DistillationTrainer`: "
-            "loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * task loss.\n\n" + table + "\n"
-        )
+        import jinja2  # as huggingface_hub's ModelCard.from_template does
+
+        template = jinja2.Template(SECTION_TEMPLATE.read_text(), keep_trailing_newline=True)
+        section = template.render(**info, measured=_fmt)
         card.text = card.text.rstrip() + "\n\n" + section
         card.save(path)
 
 
 def _fmt(value: float | None) -> str:
     return "not measured" if value is None else f"{value:.4g}"
-
-
-def _library_version() -> str:
-    try:
-        return importlib.metadata.version("hf_kdsearch")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _defines_compute_loss(cls: type) -> bool:

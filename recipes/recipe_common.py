@@ -39,9 +39,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_kdsearch import (
     ClassificationTrainer,
+    DataPathArguments,
     DistillationArguments,
     DistillationTrainer,
     GateSearchCallback,
+    OnlineEnsembleArguments,
     OnlineEnsembleTrainer,
     TeacherCache,
     TeacherCacheError,
@@ -57,6 +59,7 @@ from hf_kdsearch import (
     push_student,
     save_student,
 )
+from hf_kdsearch.batch import resize_images
 from hf_kdsearch.checks import LabelNamesError, check_finite_weights, check_label_names
 from hf_kdsearch.data import (
     DatasetLoadError,
@@ -76,7 +79,7 @@ from hf_kdsearch.data import (
     undecoded,
 )
 from hf_kdsearch.ensemble import adam_l2
-from hf_kdsearch.fastpath import DeviceImageDataset, resize_images
+from hf_kdsearch.fastpath import DeviceImageDataset
 from hf_kdsearch.gates import check_budget, gate_plan
 from hf_kdsearch.hub import HubUnavailableError
 from hf_kdsearch.metrics import TopKAccuracy
@@ -1192,10 +1195,13 @@ def run_ensemble(recipe, args, data, callbacks=(), tag: str = "recipe") -> list:
         args = dataclasses.replace(
             args, image_mean=list(data.data_config["mean"]), image_std=list(data.data_config["std"])
         )
+    # The online ensemble has its own loss settings (OnlineEnsembleArguments' defaults); the KD ones do not apply.
+    shared = {f.name for f in dataclasses.fields(DataPathArguments)}
+    values = {k: v for k, v in stage_args(recipe, args, "ensemble").to_dict().items() if k in shared}
     trainer, metrics = run_stage(
         OnlineEnsembleTrainer,
         recipe,
-        stage_args(recipe, args, "ensemble"),
+        OnlineEnsembleArguments(**{**values, "hub_token": args.hub_token}),
         data,
         model=ens,
         compute_metrics=TopKAccuracy(heads=heads),

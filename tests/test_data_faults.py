@@ -269,3 +269,17 @@ def test_prepare_labels_gives_the_checked_label_set_of_both_splits(caplog):
     with pytest.raises(data.LabelError, match="stream's largest label is unknown.*--num_labels"):
         data.prepare_labels(stream, int_label_split([0]), "label")
     assert data.prepare_labels(stream, int_label_split([0]), "label", num_labels=10)[2] == 10
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_a_dataset_missing_offline_names_the_reason_huggingface_hub_reads(offline, monkeypatch):
+    from huggingface_hub import constants
+
+    from hf_kdsearch.data import DatasetLoadError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the environment is read once, by huggingface_hub; not here
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DatasetLoadError) as info:
+        load_image_dataset(name="someone/no-such-dataset-xyz")
+    assert ("HF_HUB_OFFLINE is set" in str(info.value)) == offline

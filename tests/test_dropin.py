@@ -193,7 +193,7 @@ def test_nan_in_the_input_is_blamed_on_the_input_not_the_teacher(tmp_path):
 def test_a_teacher_source_can_stand_in_for_the_teacher(tmp_path, images32):
     runs = {}
     for kind in ("teacher_model", "teacher_cache"):
-        source = cifar(seed=1) if kind == "teacher_model" else Teacher(cifar(seed=1))
+        source = cifar(seed=1) if kind == "teacher_model" else Teacher.from_args(cifar(seed=1), tiny_args(tmp_path))
         trainer = DistillationTrainer(
             model=cifar(seed=0), args=tiny_args(tmp_path), train_dataset=images32, **{kind: source}
         )

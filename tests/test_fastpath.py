@@ -101,16 +101,18 @@ def test_normalize_images_matches_the_formula(channels_last):
 
 def test_normalize_images_rejects_bad_input():
     with pytest.raises(TypeError, match="uint8"):
-        normalize_images(torch.zeros(1, 3, 4, 4), CIFAR100_MEAN, CIFAR100_STD)
+        normalize_images(torch.zeros(1, 3, 4, 4), CIFAR100_MEAN, CIFAR100_STD, channels_last=False)
     with pytest.raises(ValueError, match="1/1 channels but the images 3"):
-        normalize_images(uint8_images(1), (0.5,), (0.2,))
+        normalize_images(uint8_images(1), (0.5,), (0.2,), channels_last=False)
 
 
 def test_device_augment_trains_on_crops_and_evaluates_on_normalised_images():
-    augment = DeviceAugment(CIFAR100_MEAN, CIFAR100_STD, padding=2, channels_last=True)
+    augment = DeviceAugment(CIFAR100_MEAN, CIFAR100_STD, padding=2, flip=True, channels_last=True)
     images, labels = uint8_images(32), torch.arange(32)
     evaluated = augment({"pixel_values": images, "labels": labels}, train=False)
-    assert torch.equal(evaluated["pixel_values"], normalize_images(images, CIFAR100_MEAN, CIFAR100_STD))
+    assert torch.equal(
+        evaluated["pixel_values"], normalize_images(images, CIFAR100_MEAN, CIFAR100_STD, channels_last=False)
+    )
     assert evaluated["labels"] is labels
     torch.manual_seed(0)
     trained = augment({"pixel_values": images, "labels": labels}, train=True)["pixel_values"]
@@ -118,18 +120,18 @@ def test_device_augment_trains_on_crops_and_evaluates_on_normalised_images():
     assert not torch.equal(trained, evaluated["pixel_values"])
     # Same draws, same arithmetic as the two public functions in a row.
     torch.manual_seed(0)
-    expected = normalize_images(random_crop_flip(images, padding=2), CIFAR100_MEAN, CIFAR100_STD)
+    expected = normalize_images(random_crop_flip(images, padding=2), CIFAR100_MEAN, CIFAR100_STD, channels_last=False)
     torch.testing.assert_close(trained, expected)
 
 
 def test_device_augment_rejects_float_batches_and_bad_statistics():
-    augment = DeviceAugment(CIFAR100_MEAN, CIFAR100_STD)
+    augment = DeviceAugment(CIFAR100_MEAN, CIFAR100_STD, padding=4, flip=True, channels_last=False)
     with pytest.raises(TypeError, match="uint8 .* got torch.float32 of shape"):
         augment({"pixel_values": torch.zeros(2, 3, 8, 8)}, train=True)
     with pytest.raises(ValueError, match="std must be > 0"):
-        DeviceAugment((0.5, 0.5), (0.2, 0.0))
+        DeviceAugment((0.5, 0.5), (0.2, 0.0), padding=4, flip=True, channels_last=False)
     with pytest.raises(ValueError, match="one value per channel"):
-        DeviceAugment((0.5, 0.5), (0.2,))
+        DeviceAugment((0.5, 0.5), (0.2,), padding=4, flip=True, channels_last=False)
 
 
 def test_device_augment_from_args_defaults_to_the_models_statistics(tmp_path):
@@ -201,7 +203,7 @@ def cifar_pair(seed=0):
 def test_trainer_fast_path_trains_like_the_float_path(tmp_path):
     """device_augment without crop and flip must give the student exactly the updates of pre-normalised floats."""
     images, labels = uint8_images(32, h=32, w=32), torch.randint(0, 10, (32,), generator=torch.Generator())
-    floats = normalize_images(images, CIFAR100_MEAN, CIFAR100_STD)
+    floats = normalize_images(images, CIFAR100_MEAN, CIFAR100_STD, channels_last=False)
 
     student_a, teacher_a = cifar_pair()
     fast = DistillationTrainer(

@@ -23,6 +23,7 @@ from transformers import AutoModelForImageClassification
 
 import hf_kdsearch
 from hf_kdsearch import DistillationTrainer, save_student
+from hf_kdsearch.batch import resize_images
 from hf_kdsearch.data import (
     ImageClassificationTransform,
     data_config_for,
@@ -32,7 +33,6 @@ from hf_kdsearch.data import (
     load_image_dataset,
     split_stream_by_node,
 )
-from hf_kdsearch.fastpath import resize_images
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "image_classification.py"

@@ -111,3 +111,20 @@ def test_the_package_import_graph_has_no_cycle():
     assert f"{PACKAGE}.trainer" in graph and f"{PACKAGE}.gates.plan" in graph
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle:\n" + describe(cycle, graph)
+
+
+def reachable(graph: dict[str, dict[str, int]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for target in graph[todo.pop()]:
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+def test_the_teacher_reaches_neither_the_data_path_nor_the_datasets():
+    # Loading a teacher needs loading, batch plumbing and checks; not the GPU data path, MNIST assets or `datasets`.
+    reached = reachable(import_graph(), f"{PACKAGE}.teacher")
+    assert not reached & {f"{PACKAGE}.fastpath", f"{PACKAGE}.data"}, sorted(reached)
+    assert reachable(import_graph(), f"{PACKAGE}.batch") == set()

@@ -118,3 +118,15 @@ def test_timm_logit_distillation_task_runs_on_our_students(name, tmp_path):
     torch.testing.assert_close(task.teacher(x), teacher(x))  # the teacher was built with in_chans and the file
     out = task(x, y)
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"]) and out["kd_loss"] > 0
+
+
+def test_input_size_of_takes_the_given_size_else_the_pretrained_cfg():
+    import timm
+
+    from hf_kdsearch.flops import input_size_of
+
+    model = timm.create_model("mnist_mlp", hidden_dims=[8], img_size=8)
+    assert input_size_of(model) == tuple(model.pretrained_cfg["input_size"])
+    assert input_size_of(model, [3, 4, 5]) == (3, 4, 5)
+    with pytest.raises(ValueError, match=r"pretrained_cfg\['input_size'\]; pass GateSearchCallback\(input_size"):
+        input_size_of(torch.nn.Linear(2, 2), hint="GateSearchCallback(input_size=(C, H, W))")

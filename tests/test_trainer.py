@@ -26,6 +26,7 @@ from hf_kdsearch import (
     DistillationCallback,
     DistillationMixin,
     DistillationTrainer,
+    TeacherCheckError,
     TeacherLoadError,
 )
 from hf_kdsearch.data import TensorImageDataset
@@ -253,11 +254,21 @@ def test_mixin_inside_a_users_trainer_subclass_with_plain_training_arguments(tmp
         logging_steps=1,
         disable_tqdm=True,
     )
-    args.check_teacher_accuracy = False  # an untrained teacher; plain TrainingArguments otherwise get the check
     trainer = UsersDistiller(model=cifar(seed=0), teacher_model=cifar(seed=1), args=args, train_dataset=images32)
+    # Upcast once to DistillationArguments with its defaults, the teacher check included ...
+    assert type(trainer.args) is DistillationArguments and trainer.args.output_dir == str(tmp_path)
+    assert (trainer.args.temperature, trainer.args.alpha, trainer.args.check_teacher_accuracy) == (4.0, 0.9, True)
+    with pytest.raises(TeacherCheckError):  # ... which stops this untrained teacher in the user's own training_step
+        trainer.train()
+    assert trainer.steps_taken == 1
+    trainer = UsersDistiller(
+        model=cifar(seed=0),
+        teacher_model=cifar(seed=1),
+        args=DistillationArguments(**{**args.to_dict(), "hub_token": None, "check_teacher_accuracy": False}),
+        train_dataset=images32,
+    )
     trainer.train()
     assert trainer.steps_taken == 3
-    assert (trainer.temperature, trainer.alpha) == (4.0, 0.9)
     assert sum("loss_kd" in h for h in trainer.state.log_history) == 3
 
 

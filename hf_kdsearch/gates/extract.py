@@ -10,6 +10,7 @@ import timm
 import torch
 from torch import nn
 
+from ..flops import input_size_of
 from ..models.sliced_resnet import resnet_block_widths
 from .families import gate_parameters
 from .plan import DEPTH, WIDTH, GatePlan, gate_plan, unwrap_model
@@ -96,7 +97,7 @@ def select_units(
     elif target_flops_ratio is not None:
         if not (isinstance(target_flops_ratio, int | float) and 0 < target_flops_ratio <= 1):
             raise ValueError(f"target_flops_ratio must lie in (0, 1], got {target_flops_ratio!r}")
-        plan.measure(inner, _input_size(inner, input_size))
+        plan.measure(inner, input_size_of(inner, input_size, hint="input_size=(C, H, W) to count FLOPs"))
         counts, alive = _fill_budget(plan, mags, target_flops_ratio * plan.total_flops, min_counts, max_counts)
     else:
         if not (isinstance(threshold, int | float) and threshold >= 0):
@@ -112,7 +113,7 @@ def select_units(
             kept[name] = torch.tensor(sorted(order[:k]), dtype=torch.long)
     has_default_size = bool((getattr(inner, "pretrained_cfg", None) or {}).get("input_size"))
     if input_size is not None or (plan.input_size is None and has_default_size):
-        plan.measure(inner, _input_size(inner, input_size))
+        plan.measure(inner, input_size_of(inner, input_size, hint="input_size=(C, H, W) to count FLOPs"))
     flops = float("nan")
     if plan.input_size is not None:
         flops = float(plan.flops_of(_hard_fractions(plan, {n: v.numel() for n, v in kept.items()}, alive)))
@@ -175,17 +176,6 @@ def _fill_budget(
         elif not is_depth and counts[name] >= hi[name]:
             full.add(name)
     return counts, alive
-
-
-def _input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, ...]:
-    if input_size is not None:
-        return tuple(int(s) for s in input_size)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if cfg.get("input_size"):
-        return tuple(cfg["input_size"])
-    raise ValueError(
-        f"{type(model).__name__} has no pretrained_cfg['input_size']; pass input_size=(C, H, W) to count FLOPs"
-    )
 
 
 # ---- building the student --------------------------------------------------------------------------------------------

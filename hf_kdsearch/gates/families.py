@@ -6,10 +6,10 @@ import torch
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
+from ..batch import FROZEN_FLAG
 from ..models.cifar import CifarResNet, CifarWideResNet
 from ..models.mnist import MLP, SmallCNN
 from ..models.sliced_resnet import ShortcutBlock
-from ..teacher import FROZEN_FLAG
 from .plan import DEPTH, GATE_ATTR, WIDTH, GatedLayer, GateGroup, GatePlan, gate_plan, unwrap_model
 
 

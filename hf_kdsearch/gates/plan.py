@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..batch import unwrap
 from ..flops import count_flops
 
 WIDTH, DEPTH = "width", "depth"
@@ -159,14 +160,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """The module that holds the gates: the one inside DDP / DataParallel / torch.compile wrappers and inside
     transformers' `TimmWrapperForImageClassification` (what `AutoModelForImageClassification` returns for a timm
     folder), whose `timm_model` computes the logits it returns."""
-    while True:
-        for attr in ("module", "_orig_mod", "timm_model"):
-            inner = getattr(model, attr, None)
-            if isinstance(inner, nn.Module):
-                model = inner
-                break
-        else:
-            return model
+    return unwrap(model, timm_wrapper=True)
 
 
 def gate_plan(model: nn.Module) -> GatePlan:

@@ -76,7 +76,54 @@ class BasicBlock(nn.Module):
         return torch.relu(out)
 
 
-class CifarResNet(nn.Module):
+class _CifarNet(nn.Module):
+    """What the two CIFAR families share: the shape arguments, a 3x3 stem, stages of residual blocks, and timm's
+    classifier API. ResNets have a BN after the stem; pre-activation WRNs a final BN after the last stage instead."""
+
+    def _build(self, block, layers, stem_width, stage_widths, block_widths, removed_blocks, num_classes, in_chans):
+        block_widths = _check_widths(type(self).__name__, stage_widths, layers, block_widths)
+        removed = _normalise_removed(removed_blocks)
+        # The arguments that rebuild this exact shape; hub.save_student writes them into the config.
+        self.model_args = _model_args(layers, stem_width, stage_widths, block_widths, removed, in_chans)
+        self.num_classes = num_classes
+        self.in_chans = int(in_chans)
+        self.conv1 = nn.Conv2d(in_chans, stem_width, 3, 1, 1, bias=False)
+        if block is BasicBlock:
+            self.bn1 = nn.BatchNorm2d(stem_width)
+        stages, in_chs = [], stem_width
+        for i, (width, mids) in enumerate(zip(stage_widths, block_widths)):
+            blocks = []
+            for j, mid in enumerate(mids):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(block(in_chs, mid, width, stride, has_branch=_block_key(i, j) not in removed))
+                in_chs = width
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        if block is not BasicBlock:
+            self.bn_final = nn.BatchNorm2d(in_chs)
+        self.num_features = self.head_hidden_size = in_chs
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_chs, num_classes) if num_classes > 0 else nn.Identity()
+        _init_weights(self)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x).flatten(1)
+        if self.drop_rate:
+            x = nn.functional.dropout(x, self.drop_rate, self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class CifarResNet(_CifarNet):
     """ResNet for 32x32 inputs: a 3x3 stem, stages of basic blocks, global average pooling and a linear head.
 
     Args:
@@ -102,50 +149,14 @@ class CifarResNet(nn.Module):
         **kwargs,
     ):
         super().__init__()
-        block_widths = _check_widths("CifarResNet", stage_widths, layers, block_widths)
-        removed = _normalise_removed(removed_blocks)
-        # The arguments that rebuild this exact shape; hub.save_student writes them into the config.
-        self.model_args = _model_args(layers, stem_width, stage_widths, block_widths, removed, in_chans)
-        self.num_classes = num_classes
-        self.in_chans = int(in_chans)
+        self._build(BasicBlock, layers, stem_width, stage_widths, block_widths, removed_blocks, num_classes, in_chans)
         self.drop_rate = drop_rate
-        self.conv1 = nn.Conv2d(in_chans, stem_width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem_width)
-        stages, in_chs = [], stem_width
-        for i, (width, mids) in enumerate(zip(stage_widths, block_widths)):
-            blocks = []
-            for j, mid in enumerate(mids):
-                stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(BasicBlock(in_chs, mid, width, stride, has_branch=_block_key(i, j) not in removed))
-                in_chs = width
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.Sequential(*stages)
-        self.num_features = self.head_hidden_size = in_chs
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_chs, num_classes) if num_classes > 0 else nn.Identity()
-        _init_weights(self)
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.bn1(self.conv1(x)))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.forward_stem(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x).flatten(1)
-        if self.drop_rate:
-            x = nn.functional.dropout(x, self.drop_rate, self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 class WideBasicBlock(nn.Module):
@@ -177,7 +188,7 @@ class WideBasicBlock(nn.Module):
         return out
 
 
-class CifarWideResNet(nn.Module):
+class CifarWideResNet(_CifarNet):
     """Wide ResNet WRN-depth-k for 32x32 inputs; `layers` blocks per stage, `(depth - 4) / 6` in the paper."""
 
     def __init__(
@@ -193,32 +204,10 @@ class CifarWideResNet(nn.Module):
         **kwargs,
     ):
         super().__init__()
-        block_widths = _check_widths("CifarWideResNet", stage_widths, layers, block_widths)
-        removed = _normalise_removed(removed_blocks)
-        self.model_args = _model_args(layers, stem_width, stage_widths, block_widths, removed, in_chans)
-        self.num_classes = num_classes
-        self.in_chans = int(in_chans)
+        self._build(
+            WideBasicBlock, layers, stem_width, stage_widths, block_widths, removed_blocks, num_classes, in_chans
+        )
         self.drop_rate = drop_rate
-        self.conv1 = nn.Conv2d(in_chans, stem_width, 3, 1, 1, bias=False)
-        stages, in_chs = [], stem_width
-        for i, (width, mids) in enumerate(zip(stage_widths, block_widths)):
-            blocks = []
-            for j, mid in enumerate(mids):
-                stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(WideBasicBlock(in_chs, mid, width, stride, has_branch=_block_key(i, j) not in removed))
-                in_chs = width
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.Sequential(*stages)
-        self.bn_final = nn.BatchNorm2d(in_chs)
-        self.num_features = self.head_hidden_size = in_chs
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_chs, num_classes) if num_classes > 0 else nn.Identity()
-        _init_weights(self)
-
-    get_classifier = CifarResNet.get_classifier
-    reset_classifier = CifarResNet.reset_classifier
-    forward_head = CifarResNet.forward_head
-    forward = CifarResNet.forward
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv1(x)
