@@ -9,10 +9,10 @@ The rules it encodes:
    same length) and keeps, per arm, the setting with the fewest validation errors. A trial whose validation result is
    not a finite number (a diverged run) is never chosen; the arm's entry names it.
 3. **Training length is part of the protocol.** Every arm trains on the same schedule length, chosen by one stated
-   rule: `curve_flat` calls a validation curve flat when the mean of its last 20% of epochs is within
-   `max(2 errors, 5%)` of the mean of the 20% before, and `choose_epochs` takes the shortest length of a ladder
-   (e.g. 60, 120 epochs) at which every arm's tuned validation curve is flat. `tune_arms` keeps the curves, so the
-   results JSON and the plots show that they flattened.
+   rule on validation: the tuning grid is run at every length of a ladder (e.g. 60 and 120 epochs), and
+   `choose_epochs` takes the shortest length that doubling no longer improves by more than `max(2 errors, 5%)` of
+   validation errors for any arm (`length_converged`). `tune_arms` keeps each trial's validation curve, so the
+   results JSON and the plots show the curves as well.
 4. **Paired seeds.** Arms that share an architecture are run with the same seed list; the caller seeds the initial
    weights and the data order with it, so seed `s` of one arm differs from seed `s` of another only by the method.
 5. **Paired statistics.** `paired_summary` reports mean ± std per arm, the mean paired difference with a 95%
@@ -51,7 +51,7 @@ __all__ = [
     "mean_std",
     "paired_summary",
     "tune_arms",
-    "curve_flat",
+    "length_converged",
     "choose_epochs",
     "value_at_cost",
     "cost_to_reach",
@@ -239,56 +239,54 @@ def _finite(value: Any) -> bool:
 
 # ---- training length ----------------------------------------------------------------------------------------------
 
-#: The convergence rule of every evidence run: see `curve_flat`.
-FLAT_RULE = {"window": 0.2, "rel_tol": 0.05, "abs_tol": 2.0}
+#: The convergence rule of every evidence run: see `length_converged`.
+LENGTH_RULE = {"rel_tol": 0.05, "abs_tol": 2.0}
 
 
-def curve_flat(
-    values: Sequence[float],
+def length_converged(
+    short: float,
+    long: float,
     *,
-    window: float = FLAT_RULE["window"],
-    rel_tol: float = FLAT_RULE["rel_tol"],
-    abs_tol: float = FLAT_RULE["abs_tol"],
+    rel_tol: float = LENGTH_RULE["rel_tol"],
+    abs_tol: float = LENGTH_RULE["abs_tol"],
 ) -> dict[str, Any]:
-    """Has a validation curve (errors after every epoch, lower is better) stopped improving?
+    """Is a schedule long enough? `short` and `long` are the validation errors after a schedule and after one about
+    twice as long (same setting and seed): it is when the longer one improves on it by at most
+    `max(abs_tol, rel_tol * long)` errors. A non-finite value (a diverged run) is not converged.
 
-    With `w = max(1, round(window * len(values)))` epochs per window, the curve is flat when the mean of its last `w`
-    values improves on the mean of the `w` before by at most `max(abs_tol, rel_tol * last mean)` errors (a curve that
-    rises again is flat too: more epochs did not help). Under a decaying learning rate the last window is the
-    annealed end of the run; a run that is still learning improves by far more than the tolerance there. A curve
-    shorter than `2 w` values or with a non-finite value is not flat. Returns `{"flat", "last_mean",
-    "previous_mean", "improvement", "tolerance", "window"}`.
-    """
-    n = len(values)
-    w = max(1, round(window * n))
-    out = {"flat": False, "last_mean": None, "previous_mean": None, "improvement": None, "tolerance": None, "window": w}
-    if n < 2 * w or not all(_finite(v) for v in values):
+    The rule compares whole schedules, not the tail of one curve: under a decaying learning rate every curve flattens
+    at its end, converged or not, so a flat tail proves nothing; what matters is whether more epochs would help."""
+    out = {"short": short, "long": long, "improvement": None, "tolerance": None, "converged": False}
+    if not (_finite(short) and _finite(long)):
         return out
-    last = sum(values[-w:]) / w
-    previous = sum(values[-2 * w : -w]) / w
-    tolerance = max(abs_tol, rel_tol * last)
-    out.update(
-        flat=previous - last <= tolerance,
-        last_mean=last,
-        previous_mean=previous,
-        improvement=previous - last,
-        tolerance=tolerance,
-    )
+    tolerance = max(abs_tol, rel_tol * long)
+    out.update(improvement=short - long, tolerance=tolerance, converged=short - long <= tolerance)
     return out
 
 
-def choose_epochs(curves: Mapping[float, Mapping[str, Sequence[float]]], **rule: float) -> dict[str, Any]:
-    """The shortest schedule at which every arm's validation curve is flat (`curve_flat`), the same for every arm.
+def choose_epochs(val: Mapping[float, Mapping[str, float]], **rule: float) -> dict[str, Any]:
+    """The shortest schedule that is long enough (`length_converged`) for every arm: the same length for all.
 
-    `curves` maps a schedule length (epochs) to `{arm: validation curve of that arm's tuned run at that length}`.
-    Returns `{"epochs": the shortest length whose curves are all flat, or None if none is, "checks": {length: {arm:
-    curve_flat(...)}}, "rule": the rule's parameters}`. A caller with `epochs=None` trains on the longest length and
-    reports the arms that had not flattened.
-    """
-    params = {**FLAT_RULE, **rule}
-    checks = {length: {arm: curve_flat(c, **params) for arm, c in arms.items()} for length, arms in curves.items()}
-    flat = [length for length, arms in checks.items() if arms and all(r["flat"] for r in arms.values())]
-    return {"epochs": min(flat) if flat else None, "checks": checks, "rule": params}
+    `val` maps each length of a ladder (e.g. 60, 120 epochs) to `{arm: the arm's best validation errors at that
+    length}` (the same tuning grid for every arm and length). Length `L` is long enough for an arm when the next
+    length of the ladder improves on it by at most the rule's tolerance. Returns `{"epochs": the shortest length
+    long enough for every arm, or None; "converged": {arm: True if the arm passed at the chosen length, or (no
+    length passed) at the ladder's last step, False if it was still improving there, None with a one-length ladder};
+    "checks": [{"short_epochs", "long_epochs", "arm", ...length_converged...}], "rule": the parameters}`. A caller
+    given `epochs=None` trains on the longest length and names the arms that were still improving."""
+    params = {**LENGTH_RULE, **rule}
+    lengths = sorted(val)
+    arms = list(val[lengths[0]]) if lengths else []
+    checks, passed = [], {}
+    for short, long in zip(lengths, lengths[1:]):
+        for arm in arms:
+            r = length_converged(val[short][arm], val[long][arm], **params)
+            checks.append({"short_epochs": short, "long_epochs": long, "arm": arm, **r})
+            passed[short, arm] = r["converged"]
+    epochs = next((length for length in lengths[:-1] if all(passed[length, a] for a in arms)), None)
+    at = epochs if epochs is not None else (lengths[-2] if len(lengths) > 1 else None)
+    converged = {arm: None if at is None else passed[at, arm] for arm in arms}
+    return {"epochs": epochs, "converged": converged, "checks": checks, "rule": params}
 
 
 # ---- equal cost ---------------------------------------------------------------------------------------------------

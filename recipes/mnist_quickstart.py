@@ -26,106 +26,37 @@ It prints a table, the paired difference with a 95% t-interval, the sign test an
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import timm
-import torch
-from mnist_common import ShiftCollate, held_out_errors
-from transformers import HfArgumentParser, PrinterCallback, set_seed
+from mnist_common import (
+    QuickstartArguments,
+    ShiftCollate,
+    executor,
+    held_out_errors,
+    one_thread,
+    quiet,
+    run_args,
+    splits,
+    teacher_run,
+)
+from transformers import HfArgumentParser, set_seed
 
-from hf_kdsearch import ClassificationTrainer, DistillationArguments, DistillationTrainer, TensorImageDataset
-from hf_kdsearch.evidence import paired_summary, plot_paired, protocol_split, tune_arms, write_results
+from hf_kdsearch import ClassificationTrainer, DistillationTrainer
+from hf_kdsearch.evidence import paired_summary, plot_paired, tune_arms, write_results
+
+# The names `recipes/evidence_search.py` imports from here; they live in mnist_common.
+__all__ = ["QuickstartArguments", "executor", "quiet", "run_args", "splits", "teacher_run", "main", "student_run"]
+_one_thread = one_thread
 
 # One list per arm, of the same length: the tuning budget is one validation run per setting, equal for both arms.
 GRIDS = {
     "alone": [{"learning_rate": lr} for lr in (0.1, 0.2, 0.4, 0.8)],
     "distilled": [{"learning_rate": lr, "temperature": 4.0, "alpha": a} for lr in (0.2, 0.4) for a in (0.5, 0.9)],
 }
-
-
-@dataclass
-class QuickstartArguments:
-    output_dir: str = field(default="out/quickstart", metadata={"help": "Where results.json and paired.png go."})
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "Paired student seeds."})
-    tune_seed: int = field(default=100, metadata={"help": "Seed of the tuning runs (not one of --seeds)."})
-    n_train: int = field(default=1000, metadata={"help": "Training digits."})
-    n_val: int = field(default=1000, metadata={"help": "Validation digits (tuning only)."})
-    teacher_widths: list[int] = field(default_factory=lambda: [16, 16, 32, 32], metadata={"help": "Teacher convs."})
-    student_widths: list[int] = field(default_factory=lambda: [4, 4, 8, 8], metadata={"help": "Student convs."})
-    teacher_epochs: float = field(default=8, metadata={"help": "Teacher epochs (over its 7,000 digits)."})
-    epochs: float = field(default=30, metadata={"help": "Student epochs, both arms, tuning and final runs."})
-    batch_size: int = field(default=64, metadata={"help": "Batch size of every run."})
-    max_shift: int = field(default=2, metadata={"help": "Random shift of training digits, in pixels (0: none)."})
-    workers: int = field(
-        default=0,
-        metadata={
-            "help": "Training runs at once, each in its own process with one torch thread; 0: min(2, cores this "
-            "process may run on). The printed errors do not depend on it."
-        },
-    )
-    quick: bool = field(
-        default=False,
-        metadata={"help": "Smoke run: 200 + 200 digits, 2 seeds, 2 settings per arm, 1 epoch (teacher too)."},
-    )
-
-
-def run_args(out: str, seed: int, epochs: float, batch_size: int, **settings) -> DistillationArguments:
-    """Trainer settings of every student run: SGD with momentum 0.9, cosine decay, no checkpoints, quiet."""
-    base = dict(
-        output_dir=out,
-        seed=seed,
-        num_train_epochs=epochs,
-        per_device_train_batch_size=batch_size,
-        optim="sgd",
-        optim_args="momentum=0.9",
-        lr_scheduler_type="cosine",
-        weight_decay=0.0,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        logging_strategy="no",
-    )
-    return DistillationArguments(**{**base, **settings})
-
-
-def quiet(trainer) -> None:
-    """Train without the Trainer's end-of-run metrics print (the table below is the output)."""
-    trainer.remove_callback(PrinterCallback)
-    trainer.train()
-
-
-# ---- the runs: each is a function of its arguments alone, so it gives the same numbers in any process ------------
-def splits(q: QuickstartArguments):
-    """train, validation, held-out test, and the teacher's data (every digit outside validation and test)."""
-    train, val, test, rest = protocol_split(q.n_train, q.n_val, with_rest=True)
-    teacher_data = TensorImageDataset(torch.cat([train.images, rest.images]), torch.cat([train.labels, rest.labels]))
-    return train, val, test, teacher_data
-
-
-def teacher_run(q: QuickstartArguments) -> dict:
-    """The teacher, trained with the students' augmentation; its weights and its validation and test errors."""
-    _, val, test, teacher_data = splits(q)
-    set_seed(0)
-    teacher = timm.create_model("mnist_cnn", widths=q.teacher_widths)
-    t_args = run_args(f"{q.output_dir}/teacher", 0, q.teacher_epochs, q.batch_size, learning_rate=3e-3)
-    t_args.optim, t_args.optim_args, t_args.weight_decay = "adamw_torch", None, 5e-4
-    quiet(
-        ClassificationTrainer(
-            model=teacher, args=t_args, train_dataset=teacher_data, data_collator=ShiftCollate(0, q.max_shift)
-        )
-    )
-    return {
-        "state": teacher.state_dict(),
-        "val": held_out_errors(teacher, val),
-        "test": held_out_errors(teacher, test),
-        "params": sum(p.numel() for p in teacher.parameters()),
-    }
 
 
 def student_run(q: QuickstartArguments, arm: str, seed: int, setting: dict, score_on: str, teacher: dict | None):
@@ -148,38 +79,12 @@ def student_run(q: QuickstartArguments, arm: str, seed: int, setting: dict, scor
     return {"errors": errors, "digest": collate.digest, "params": sum(p.numel() for p in student.parameters())}
 
 
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
-class _Inline:
-    """`submit` that runs at once: the executor of `--workers 1` (and of in-process tests)."""
-
-    def submit(self, fn, *args):
-        future = Future()
-        future.set_result(fn(*args))
-        return future
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def executor(workers: int):
-    # spawn, not fork: a forked child of a process that has run torch's OpenMP threads can hang.
-    if workers <= 1:
-        return _Inline()
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread)
-
-
 def main(argv: list[str] | None = None) -> dict:
     (q,) = HfArgumentParser(QuickstartArguments).parse_args_into_dataclasses(argv)
     started, cpu_started = time.time(), time.process_time()
     cores = len(os.sched_getaffinity(0))
     workers = q.workers or min(2, cores)
-    _one_thread()  # every run uses one thread, so its numbers do not depend on the machine's core count
+    one_thread()  # every run uses one thread, so its numbers do not depend on the machine's core count
     grids = GRIDS
     if q.quick:
         q.seeds, q.epochs, q.teacher_epochs, q.n_train, q.n_val = q.seeds[:2], 1, 1, 200, 200
