@@ -60,6 +60,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import timm
+import torch
 from mnist_common import (
     EpochClock,
     QuickstartArguments,
@@ -127,6 +128,13 @@ class UnixEvidenceArguments(QuickstartArguments):
     arms: list[str] = field(
         default_factory=lambda: list(DEFAULT_ARMS),
         metadata={"help": f"Arms to run, with the baseline of each student size; any of {', '.join(ARMS)}."},
+    )
+    teacher_state: str = field(
+        default="",
+        metadata={
+            "help": "A teacher.pt written by an earlier run of this recipe with the same data and teacher "
+            "arguments: used instead of training the teacher again (its errors are checked on validation)."
+        },
     )
     seed_limits: list[str] = field(
         default_factory=list,
@@ -295,8 +303,25 @@ def main(argv: list[str] | None = None) -> dict:
         )
         return result
 
+    os.makedirs(q.output_dir, exist_ok=True)
+    progress = open(f"{q.output_dir}/runs.jsonl", "w")  # every finished run, at once: a cut-off run keeps its data
+
+    def keep(kind: str, arm: str, seed: int, extra: dict, result: dict) -> dict:
+        row = {"kind": kind, "arm": arm, "seed": seed, **extra, **{k: v for k, v in result.items() if k != "state"}}
+        progress.write(json.dumps(strict_json(row), allow_nan=False) + "\n")
+        progress.flush()
+        return result
+
     with executor(workers) as pool:
-        teacher = pool.submit(teacher_run, q).result()
+        if q.teacher_state:
+            teacher = torch.load(q.teacher_state, weights_only=False)
+            check = timm.create_model("mnist_cnn", widths=q.teacher_widths)
+            check.load_state_dict(teacher["state"])
+            if held_out_errors(check, val) != teacher["val"]:
+                raise ValueError(f"{q.teacher_state} does not hold this run's teacher: its validation errors differ")
+        else:
+            teacher = pool.submit(teacher_run, q).result()
+            torch.save(teacher, f"{q.output_dir}/teacher.pt")
         print(
             f"teacher {q.teacher_widths} on {len(teacher_data)} digits: {teacher['val']} validation errors "
             f"({time.time() - started:.0f} s)",
@@ -314,6 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
 
             def trial(arm: str, setting: dict, length=length) -> dict:
                 row = done(f"tune {length:g} ep {arm:<10} {setting}", tune[length, arm, grid.index(setting)].result())
+                keep("tune", arm, q.tune_seed, {"epochs": length, "setting": setting}, row)
                 return {k: row[k] for k in ("val", "curve", "cpu_s", "train_s", "teacher_samples", "train_loss")}
 
             tuned[length] = tune_arms({arm: grid for arm in q.arms}, trial)
@@ -331,13 +357,12 @@ def main(argv: list[str] | None = None) -> dict:
             for arm in q.arms
             if seed in q.arm_seeds(arm)
         }
-        runs = {arm: [done(f"seed {s} {arm}", finals[s, arm].result()) for s in q.arm_seeds(arm)] for arm in q.arms}
+        runs = {arm: [] for arm in q.arms}
+        for (s, arm), future in finals.items():  # in submission order, each kept as soon as it is done
+            runs[arm].append(keep("final", arm, s, {"epochs": epochs}, done(f"seed {s} {arm}", future.result())))
+    progress.close()
     seconds = time.time() - started
     load_at_end = os.getloadavg()
-    # The raw runs first: a summary that fails must not lose an hour of training.
-    os.makedirs(q.output_dir, exist_ok=True)
-    with open(f"{q.output_dir}/runs.json", "w") as f:
-        json.dump(strict_json({"tuning": {str(k): v for k, v in tuned.items()}, "runs": runs}), f, allow_nan=False)
     for arm in q.arms:
         base = BASELINES[ARMS[arm]["student"]]
         for seed, r, b in zip(q.arm_seeds(arm), runs[arm], runs[base]):

@@ -123,6 +123,7 @@ class QuickstartArguments:
     student_widths: list[int] = field(default_factory=lambda: [4, 4, 8, 8], metadata={"help": "Student convs."})
     teacher_epochs: float = field(default=8, metadata={"help": "Teacher epochs (over its 7,000 digits)."})
     epochs: float = field(default=30, metadata={"help": "Student epochs, both arms, tuning and final runs."})
+    eval_every: int = field(default=3, metadata={"help": "Epochs between the validation points of a run's curve."})
     batch_size: int = field(default=64, metadata={"help": "Batch size of every run."})
     max_shift: int = field(default=2, metadata={"help": "Random shift of training digits, in pixels (0: none)."})
     workers: int = field(
