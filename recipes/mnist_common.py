@@ -11,9 +11,7 @@
 
 from __future__ import annotations
 
-import json
 import multiprocessing
-import os
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -22,8 +20,7 @@ import timm
 import torch
 from transformers import PrinterCallback, TrainerCallback, set_seed
 
-import hf_kdsearch
-from hf_kdsearch import ClassificationTrainer, DistillationArguments
+from hf_kdsearch import ClassificationTrainer, DistillationArguments, evidence
 from hf_kdsearch.data import TensorImageDataset, collate_tensor_batch
 from hf_kdsearch.evidence import protocol_split
 
@@ -69,12 +66,8 @@ def held_out_errors(model: torch.nn.Module, dataset: TensorImageDataset) -> int:
 
 
 def write_results(output_dir: str, summary: dict) -> dict:
-    """Add the library versions to `summary`, write it to `<output_dir>/results.json`, and return it."""
-    summary = {**summary, "versions": {"hf_kdsearch": hf_kdsearch.__version__, "torch": torch.__version__}}
-    os.makedirs(output_dir, exist_ok=True)
-    with open(f"{output_dir}/results.json", "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
+    """`hf_kdsearch.evidence.write_results` to `<output_dir>/results.json` (versions, machine, redacted command)."""
+    return evidence.write_results(f"{output_dir}/results.json", summary)
 
 
 class ShiftCollate:
