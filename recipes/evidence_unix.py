@@ -29,9 +29,13 @@ settings and arguments), under the protocol of `hf_kdsearch.evidence`:
    validation errors by more than max(2 errors, 5%); if no length of the ladder passes, the longest is used and the
    arms that were still improving are named. Each arm then takes its best setting at that length;
 5. final runs: paired seeds per arm (`--seeds`; `--seed_limits arm:n` runs an arm on the first n only), scored once on
-   the held-out digits. Seed s gives every arm of a student size the same initial student, batch order and shifted
-   views (UNIX selects and mixes inside the trainer's loss, after the collate has served the full batch; the
-   collate's checksum must agree across the arms of a seed, or the run stops).
+   the held-out digits, arm after arm in `--arms` order (a run cut short keeps complete arms in `runs.jsonl`, where
+   every run is written as it finishes). Seed s gives every arm of a student size the same initial student, batch
+   order and shifted views (UNIX selects and mixes inside the trainer's loss, after the collate has served the full
+   batch; the collate's checksum must agree across the arms of a seed, or the run stops). With `--tune_seed` one of
+   `--seeds` (e.g. 0), the tuning run of the chosen setting and length is that seed's final run: its held-out errors
+   are taken at its end but kept sealed until the choice is made, and one run per arm is saved. With a one-setting
+   grid that choice is only the length.
 
 Measured per run, every `--eval_every` epochs: validation errors against the epoch, the cumulative teacher samples
 (a forward hook on the teacher, checked against the trainer's counter at the end), the cumulative training CPU
@@ -56,6 +60,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -179,7 +184,8 @@ def widths(q: UnixEvidenceArguments, arm: str) -> list[int]:
 
 
 def unix_run(q, arm: str, seed: int, setting: dict, epochs: float, score_on: str, teacher: dict, flops: dict) -> dict:
-    """One student distilled in arm `arm` for `epochs` epochs, scored on `score_on` ("val" or "test").
+    """One student distilled in arm `arm` for `epochs` epochs, scored on `score_on` ("val" or "test"; "val+test": a
+    tuning run that may also be a final run, scored on validation, its held-out errors kept sealed under `held_out`).
 
     Every run records its validation curve (errors, CPU and wall seconds, teacher samples; `EpochClock`). The
     teacher's samples are counted by a forward hook. A run whose training loss is not finite has `val` NaN (it
@@ -212,8 +218,10 @@ def unix_run(q, arm: str, seed: int, setting: dict, epochs: float, score_on: str
             f"{arm} seed {seed}: the hook counted {ran_on[0]} teacher samples, the trainer {trainer.teacher_samples}"
         )
     loss = trainer.state.log_history[-1].get("train_loss", math.nan)
-    errors = held_out_errors(student, val if score_on == "val" else test)
+    errors = held_out_errors(student, test if score_on == "test" else val)
+    sealed = {"held_out": held_out_errors(student, test)} if score_on == "val+test" else {}
     return {
+        **sealed,
         "val": float(errors) if math.isfinite(loss) else math.nan,
         "errors": errors,
         "train_loss": loss,
@@ -328,17 +336,24 @@ def main(argv: list[str] | None = None) -> dict:
             flush=True,
         )
         # Tuning: every setting at every length, for every arm (longest first: they take longest).
+        # A tuning seed that is also a final seed (`--tune_seed 0`) saves a run per arm: the tuning run of the chosen
+        # setting and length is that seed's final run. Its held-out errors stay sealed until the choice is made.
+        score = {arm: "val+test" if q.tune_seed in q.arm_seeds(arm) else "val" for arm in q.arms}
         tune = {
-            (length, arm, i): pool.submit(unix_run, q, arm, q.tune_seed, s, length, "val", teacher, flops)
+            (length, arm, i): pool.submit(unix_run, q, arm, q.tune_seed, s, length, score[arm], teacher, flops)
             for length in reversed(q.epoch_ladder)
             for arm in q.arms
             for i, s in enumerate(grid)
         }
+        sealed = {}
         tuned = {}
         for length in q.epoch_ladder:
 
             def trial(arm: str, setting: dict, length=length) -> dict:
-                row = done(f"tune {length:g} ep {arm:<10} {setting}", tune[length, arm, grid.index(setting)].result())
+                key = (length, arm, grid.index(setting))
+                row = dict(done(f"tune {length:g} ep {arm:<10} {setting}", tune[key].result()))
+                if "held_out" in row:
+                    sealed[key] = (row.pop("held_out"), dict(row))
                 keep("tune", arm, q.tune_seed, {"epochs": length, "setting": setting}, row)
                 return {k: row[k] for k in ("val", "curve", "cpu_s", "train_s", "teacher_samples", "train_loss")}
 
@@ -350,15 +365,19 @@ def main(argv: list[str] | None = None) -> dict:
         chosen = {arm: tuned[epochs][arm]["best"] for arm in q.arms}
         print(f"length rule: {epochs:g} epochs; " + "; ".join(f"{a}: {s}" for a, s in length_rule["converged"].items()))
 
-        # Seed by seed, arm after arm: every arm's runs share the workers with the same mix of other runs.
-        finals = {
-            (seed, arm): pool.submit(unix_run, q, arm, seed, chosen[arm], epochs, "test", teacher, flops)
-            for seed in q.seeds
-            for arm in q.arms
-            if seed in q.arm_seeds(arm)
-        }
+        # Arm after arm, in --arms order: a run cut short keeps complete, paired arms (its runs.jsonl).
+        finals = {}
+        for arm in q.arms:
+            for seed in q.arm_seeds(arm):
+                key = (epochs, arm, grid.index(chosen[arm]))
+                if seed == q.tune_seed and key in sealed:  # this seed's final run is the chosen tuning run
+                    held_out, row = sealed[key]
+                    finals[arm, seed] = Future()
+                    finals[arm, seed].set_result({**row, "errors": held_out, "reused_tuning_run": True})
+                else:
+                    finals[arm, seed] = pool.submit(unix_run, q, arm, seed, chosen[arm], epochs, "test", teacher, flops)
         runs = {arm: [] for arm in q.arms}
-        for (s, arm), future in finals.items():  # in submission order, each kept as soon as it is done
+        for (arm, s), future in finals.items():  # in submission order, each kept as soon as it is done
             runs[arm].append(keep("final", arm, s, {"epochs": epochs}, done(f"seed {s} {arm}", future.result())))
     progress.close()
     seconds = time.time() - started

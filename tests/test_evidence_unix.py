@@ -186,3 +186,27 @@ def test_quick_mode_writes_results_and_plots(recipe, tmp_path):
     assert on_disk["equal_cost"]["unix75_big"]["baseline"] == "kd_big"
     for png in ("paired.png", "curves.png", "cpu_to_accuracy.png", "forwards_to_accuracy.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow  # --quick with two arms (about 30 s)
+def test_a_tuning_seed_among_the_final_seeds_reuses_its_chosen_run(recipe, tmp_path):
+    threads = torch.get_num_threads()
+    argv = ["--quick", "--output_dir", str(tmp_path), "--workers", "1", "--arms", "kd", "random75"]
+    try:
+        summary = recipe.main(argv + ["--tune_seed", "0", "--lrs", "0.2", "--alphas", "1.0"])
+    finally:
+        torch.set_num_threads(threads)
+    epochs = summary["epochs"]
+    lines = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    # Tuning: 2 lengths x 2 arms, on seed 0; finals: seed 1 only (seed 0's is the chosen tuning run).
+    assert sorted((r["kind"], r["arm"], r["seed"], r["epochs"]) for r in lines) == sorted(
+        [("tune", a, 0, e) for a in ("kd", "random75") for e in (1, 2)]
+        + [("final", a, s, epochs) for a in ("kd", "random75") for s in (0, 1)]
+    )
+    assert all("held_out" not in r for r in lines if r["kind"] == "tune")  # sealed until the choice
+    for arm in ("kd", "random75"):
+        first, second = summary["runs"][arm]
+        assert first["reused_tuning_run"] and "reused_tuning_run" not in second
+        tuned = next(r for r in lines if r["kind"] == "tune" and r["arm"] == arm and r["epochs"] == epochs)
+        assert first["curve"] == tuned["curve"] and first["val"] == tuned["val"]
+        assert summary["test_errors"][arm][0] == first["errors"] and 0 <= first["errors"] <= 2000
