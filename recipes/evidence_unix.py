@@ -363,7 +363,20 @@ def main(argv: list[str] | None = None) -> dict:
         )
         epochs = length_rule["epochs"] if length_rule["epochs"] is not None else q.epoch_ladder[-1]
         chosen = {arm: tuned[epochs][arm]["best"] for arm in q.arms}
-        print(f"length rule: {epochs:g} epochs; " + "; ".join(f"{a}: {s}" for a, s in length_rule["converged"].items()))
+        vals = " / ".join(f"{length:g}" for length in q.epoch_ladder)
+        shown = "; ".join(
+            f"{arm} " + " / ".join(f"{tuned[length][arm]['best_val']:g}" for length in q.epoch_ladder) for arm in q.arms
+        )
+        if length_rule["epochs"] is not None:
+            print(
+                f"length rule: {epochs:g} epochs are long enough for every arm (validation errors at {vals}: {shown})"
+            )
+        else:
+            improving = [arm for arm, ok in length_rule["converged"].items() if ok is False]
+            print(
+                f"length rule: no length of {q.epoch_ladder} shown long enough; {epochs:g} used. Still improving at "
+                f"the last step: {', '.join(improving) or 'none checked'} (validation errors at {vals}: {shown})"
+            )
 
         # Arm after arm, in --arms order: a run cut short keeps complete, paired arms (its runs.jsonl).
         finals = {}
