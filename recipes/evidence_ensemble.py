@@ -32,7 +32,10 @@ Design:
    freedom its ensemble twin does not have: where in doubt, the baseline gains). Validation errors are recorded after
    every epoch of the tuning runs (`curves.png`): in the
    probes that chose 50 epochs, every student's stopped falling after the first decay, and the smallest student alone
-   at 1e-2 made 52 validation errors after 100 epochs against 55 after 50.
+   at 1e-2 made 52 validation errors after 100 epochs against 55 after 50, an improvement of 3 where the protocol's
+   length rule (`hf_kdsearch.evidence.length_converged`: at most max(2, 5%)) allows 2.6: near convergence, not shown
+   converged. `--check_length` runs every arm's chosen setting for twice the epochs on validation and prints the
+   rule's verdict per student.
 5. Five paired seeds (0-4): seed s fixes the ensemble's initial weights (and so each alone student's), the batch
    order and the shifts; the recipe checks that both arms saw the same batches (`ShiftCollate.digest`) and started
    from the same weights.
@@ -58,8 +61,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
-from mnist_common import ShiftCollate
-from mnist_quickstart import _one_thread, executor, quiet
+from mnist_common import ShiftCollate, executor, one_thread, quiet
 from recipe_common import with_step_decay
 from transformers import HfArgumentParser, TrainerCallback, set_seed
 
@@ -72,7 +74,16 @@ from hf_kdsearch import (
     build_ensemble,
 )
 from hf_kdsearch.ensemble import adam_l2
-from hf_kdsearch.evidence import paired_summary, protocol_split, pyplot, save_figure, tune_arms, write_results
+from hf_kdsearch.evidence import (
+    LENGTH_RULE,
+    length_converged,
+    paired_summary,
+    protocol_split,
+    pyplot,
+    save_figure,
+    tune_arms,
+    write_results,
+)
 
 
 @dataclass
@@ -117,6 +128,13 @@ class EnsembleEvidenceArguments:
         default=False,
         metadata={"help": "Smoke run: 300 + 200 digits, 2 seeds, 1 learning rate, 1 epoch."},
     )
+    check_length: bool = field(
+        default=False,
+        metadata={
+            "help": "Also train each arm's chosen setting for twice the epochs on validation and say whether the "
+            "length is converged (hf_kdsearch.evidence.length_converged); 1 + num_students more runs."
+        },
+    )
 
 
 # ---- the runs: each is a function of its arguments alone, so it gives the same numbers in any process ------------
@@ -143,12 +161,20 @@ def make_ensemble(q: EnsembleEvidenceArguments, seed: int):
     )
 
 
-def run_args(q: EnsembleEvidenceArguments, out: str, seed: int, learning_rate: float, cls=DistillationArguments):
-    """Trainer settings of every run: the authors' Adam (see `train`), no clipping, nothing saved, quiet."""
+def run_args(
+    q: EnsembleEvidenceArguments,
+    out: str,
+    seed: int,
+    learning_rate: float,
+    cls=DistillationArguments,
+    epochs: float | None = None,
+):
+    """Trainer settings of every run: the authors' Adam (see `train`), no clipping, nothing saved, quiet; `epochs`
+    (default `q.epochs`) long, the decays at the same fractions of it."""
     return cls(
         output_dir=out,
         seed=seed,
-        num_train_epochs=q.epochs,
+        num_train_epochs=epochs or q.epochs,
         per_device_train_batch_size=q.batch_size,
         learning_rate=learning_rate,
         weight_decay=q.weight_decay,
@@ -216,14 +242,15 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def ensemble_run(q: EnsembleEvidenceArguments, seed: int, setting: dict, score_on: str) -> dict:
+def ensemble_run(q: EnsembleEvidenceArguments, seed: int, setting: dict, score_on: str, epochs=None) -> dict:
     """One ensemble trained on the training digits; its students' errors on `score_on` ("val" or "test")."""
     train_set, val, test = splits(q)
     ens = make_ensemble(q, seed)
     initial = [weights_digest(ens.export_student(j)) for j in range(ens.num_students)]
     collate = ShiftCollate(seed, q.max_shift)
     curve = ErrorCurve(lambda m: ensemble_errors(m, val)) if score_on == "val" else None
-    args = run_args(q, f"{q.output_dir}/ensemble-{seed}", seed, setting["learning_rate"], OnlineEnsembleArguments)
+    lr = setting["learning_rate"]
+    args = run_args(q, f"{q.output_dir}/ensemble-{seed}", seed, lr, OnlineEnsembleArguments, epochs)
     train(OnlineEnsembleTrainer, q, args, curve, model=ens, train_dataset=train_set, data_collator=collate)
     result = ensemble_errors(ens, val if score_on == "val" else test)
     return {
@@ -237,14 +264,14 @@ def ensemble_run(q: EnsembleEvidenceArguments, seed: int, setting: dict, score_o
     }
 
 
-def alone_run(q: EnsembleEvidenceArguments, seed: int, j: int, setting: dict, score_on: str) -> dict:
+def alone_run(q: EnsembleEvidenceArguments, seed: int, j: int, setting: dict, score_on: str, epochs=None) -> dict:
     """Student j trained alone (cross-entropy) from its ensemble twin's initial weights, same seed."""
     train_set, val, test = splits(q)
     student = make_ensemble(q, seed).export_student(j).train()
     initial = weights_digest(student)
     collate = ShiftCollate(seed, q.max_shift)
     curve = ErrorCurve(lambda m: student_errors(m, val)) if score_on == "val" else None
-    args = run_args(q, f"{q.output_dir}/alone{j}-{seed}", seed, setting["learning_rate"])
+    args = run_args(q, f"{q.output_dir}/alone{j}-{seed}", seed, setting["learning_rate"], epochs=epochs)
     train(ClassificationTrainer, q, args, curve, model=student, train_dataset=train_set, data_collator=collate)
     return {
         "errors": student_errors(student, val if score_on == "val" else test),
@@ -332,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
     started, cpu_started = time.time(), time.process_time()
     cores = len(os.sched_getaffinity(0))
     workers = q.workers or min(2, cores)
-    _one_thread()  # every run uses one thread, so its numbers do not depend on the machine's core count
+    one_thread()  # every run uses one thread, so its numbers do not depend on the machine's core count
     if q.quick:
         q.seeds, q.epochs, q.n_train, q.n_val, q.learning_rates = q.seeds[:2], 1, 300, 200, q.learning_rates[:1]
     S = q.num_students
@@ -366,6 +393,15 @@ def main(argv: list[str] | None = None) -> dict:
         tuned = tune_arms(grids, tuned_errors)
         check_paired(q.tune_seed, tune_runs["ensemble"][0], [tune_runs[f"alone_student{j}"][0] for j in range(S)])
         print_convergence(q, tuned, tune_runs, grid)
+        # Optionally, the length check: each arm's chosen setting for twice the epochs, on validation.
+        longer = {}
+        if q.check_length:
+            longer["ensemble"] = pool.submit(
+                ensemble_run, q, q.tune_seed, tuned["ensemble"]["best"], "val", 2 * q.epochs
+            )
+            for j in range(S):
+                best = tuned[f"alone_student{j}"]["best"]
+                longer[f"alone_student{j}"] = pool.submit(alone_run, q, q.tune_seed, j, best, "val", 2 * q.epochs)
 
         finals = {
             "ensemble": [pool.submit(ensemble_run, q, seed, tuned["ensemble"]["best"], "test") for seed in q.seeds]
@@ -376,6 +412,14 @@ def main(argv: list[str] | None = None) -> dict:
         runs = {
             arm: [done(f"seed {seed} {arm}", f.result()) for seed, f in zip(q.seeds, fs)] for arm, fs in finals.items()
         }
+        length = {}
+        for arm, future in longer.items():
+            long_run = done(f"{2 * q.epochs:g} epochs {arm}", future.result())
+            short_run = tune_runs[arm][grid.index(tuned[arm]["best"])]
+            if arm == "ensemble":
+                length[arm] = [length_converged(a, b) for a, b in zip(short_run["errors"], long_run["errors"])]
+            else:
+                length[arm] = length_converged(short_run["errors"], long_run["errors"])
     for i, seed in enumerate(q.seeds):
         check_paired(seed, runs["ensemble"][i], [runs[f"alone_student{j}"][i] for j in range(S)])
 
@@ -398,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     verdicts = []
     for j, s in enumerate(stats):
-        lo, hi = s["ci"]
+        lo, hi = s["ci"] or (float("nan"), float("nan"))  # one seed: no interval
         alone_ms = f"{s['baseline_mean']:.1f} ± {s['baseline_std']:.1f}"
         ens_ms = f"{s['method_mean']:.1f} ± {s['method_std']:.1f}"
         diff = f"{s['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}]"
@@ -407,7 +451,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{s['p_sign']:>6.3f}  {s['wins']}/{s['n']}"
         )
     for j, s in enumerate(stats):
-        lo, hi = s["ci"]
+        lo, hi = s["ci"] or (float("-inf"), float("inf"))
         if hi < 0:
             verdict = "the ensemble made it better than alone (the interval excludes zero)"
         elif lo > 0:
@@ -418,6 +462,21 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"verdict S{j} {widths[j]}: {verdict}")
     m_e = sum(ensemble_mean) / len(ensemble_mean)
     print(f"the ensemble itself (mean of the students' logits): {ensemble_mean} held-out errors, mean {m_e:.1f}")
+    rule = (
+        f"doubling it lowers validation errors by at most max({LENGTH_RULE['abs_tol']:g}, {LENGTH_RULE['rel_tol']:.0%})"
+    )
+    if length:
+        print(
+            f"length: {q.epochs:g} epochs; converged when {rule}; validation errors {q.epochs:g} -> {2 * q.epochs:g}:"
+        )
+
+        def state(r: dict) -> str:
+            return f"{r['short']:g} -> {r['long']:g} {'converged' if r['converged'] else 'NOT converged'}"
+
+        print("  ensemble: " + "; ".join(f"S{j} {state(r)}" for j, r in enumerate(length["ensemble"])))
+        print("  alone:    " + "; ".join(f"S{j} {state(length[f'alone_student{j}'])}" for j in range(S)))
+    else:
+        print(f"length: {q.epochs:g} epochs, not checked (--check_length: converged when {rule})")
     print(f"wall-clock {seconds:.0f} s, {workers} run(s) at a time (not part of the reproducible numbers)")
 
     summary = {
@@ -438,6 +497,9 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "tuning": tuned,
         "validation_curves": {arm: [r["curve"] for r in rs] for arm, rs in tune_runs.items()},
+        "length_check": {"rule": LENGTH_RULE, "epochs": q.epochs, "long_epochs": 2 * q.epochs, **length}
+        if length
+        else None,
         "seeds": q.seeds,
         "test_errors": {
             "alone": alone,
@@ -452,7 +514,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(q.output_dir, exist_ok=True)
     titles = [
         f"S{j} {'-'.join(map(str, widths[j]))}, {params[j]:,} params\nens - alone = {s['diff']:+.1f} "
-        f"[{s['ci'][0]:+.1f}, {s['ci'][1]:+.1f}]"
+        + (f"[{s['ci'][0]:+.1f}, {s['ci'][1]:+.1f}]" if s["ci"] else "(one seed)")
         for j, s in enumerate(stats)
     ]
     plot_students(f"{q.output_dir}/paired.png", q.seeds, alone, in_ensemble, titles)

@@ -1,165 +1,212 @@
-"""Evidence for UNIX: does distillation with the teacher run on fewer samples reach plain KD's accuracy, and sooner?
+"""Evidence for UNIX: with the teacher run on fewer samples, does distillation reach plain KD's accuracy at less cost?
 
-    python recipes/evidence_unix.py            # full run: 5 paired seeds, 3 arms; 5 min on 2 idle cores
+    python recipes/evidence_unix.py            # the full run (see docs/unix.md for its time and load)
     python recipes/evidence_unix.py --quick    # smoke run of the same pipeline, well under a minute
 
 Xu, Liu & Loy (2023, https://arxiv.org/abs/2012.09413) claim that UNIX (uncertainty-based sample selection plus
-rank-dependent mixup, `hf_kdsearch.UncertaintyMixupCallback`) matches plain KD while the teacher runs on a share of
-the samples only. This script checks it at select ratios 0.75 (the paper's) and 0.5, in the regime and with the
-teacher of `recipes/mnist_quickstart.py` (its `splits`, `teacher_run`, `run_args` and arguments are imported, so the
-data, the teacher and the schedule are exactly the quickstart's), under the protocol of `hf_kdsearch.evidence`:
+rank-dependent mixup, `hf_kdsearch.UncertaintyMixupCallback`) reaches plain KD's accuracy at about 79% of its
+computation. The claim is about cost, so this script compares the arms at equal measured cost as well as at the end
+of equal schedules, in the quickstart's regime and with its teacher (`mnist_common`: its splits, teacher, Trainer
+settings and arguments), under the protocol of `hf_kdsearch.evidence`:
 
 1. data: 1,000 training digits shifted by up to 2 pixels (the same view for teacher and student), 1,000 validation
-   digits, 2,000 held-out digits scored once;
+   digits, 2,000 held-out digits scored once per final run;
 2. teacher: `mnist_cnn` 16-16-32-32, AdamW, 8 epochs on the 7,000 digits outside validation and test;
-3. student: `mnist_cnn` 4-4-8-8, 30 epochs, batch 64, SGD momentum 0.9, cosine decay, `DistillationTrainer`
-   (`alpha * T^2 * KL + (1 - alpha) * CE`), in three arms:
-   - `kd`: plain KD, the teacher runs on every sample (built exactly as the quickstart's `distilled` student);
-   - `unix75`: `UncertaintyMixupCallback(select_ratio=0.75, uncertainty="entropy", mixup=True)`, the paper's setting;
-   - `unix50`: the same at `select_ratio=0.5`.
-   Ablation arms, run with `--arms kd select75 select50`: the same selection without mixup (`mixup=False`).
-   Both UNIX arms use the callback's default scoring, `scoring="pass"` (the paper's: a no-grad pass of the student on
-   the whole batch, in eval mode), so the cost estimate counts that pass. UNIX mixes the labels the way it mixes the
-   images, so with alpha < 1 its cross-entropy term is `(1 - m) CE(y) + m CE(y_partner)`; alpha weighs KD against
-   that term exactly as it weighs KD against plain CE in `kd`;
-4. tuning, the same budget per arm: 9 validation runs (seed 100) over one grid for every arm, lr in {0.1, 0.2, 0.4}
-   x alpha in {0.5, 0.9, 1.0}, T = 4 (`--lrs`, `--alphas`, `--temperature`). The grid holds the quickstart's
-   distilled grid (lr {0.2, 0.4} x alpha {0.5, 0.9}), widened after probes on validation: to alpha = 1 (no CE term:
-   the paper's setting, and unix75's best there) and to lr 0.1 (the UNIX arms' validation errors swung widely with
-   lr, unix50's from 152 to 363 across the settings tried). The same grid for every arm leaves the method as the
-   only difference;
-5. final runs: 5 paired seeds (0-4) per arm at its chosen setting, scored once on the held-out digits. Seed s gives
-   every arm the same initial student, batch order and shifted views: UNIX selects and mixes inside the trainer's
-   loss, after the collate has served the full batch, so the collate's checksum (`ShiftCollate.digest`) must agree
-   across the arms of a seed, and the run stops if it does not. The two UNIX arms of a seed also draw the same mixup
-   coefficients and partners (the callback seeds its draws from the run's seed and step).
+3. students: `mnist_cnn` 4-4-8-8 (and 8-8-16-16 for the `*_big` arms), batch 64, SGD momentum 0.9, cosine decay,
+   `DistillationTrainer` (`alpha * T^2 * KL + (1 - alpha) * CE`), T = 4. Arms (`ARMS`):
+   - `kd`: plain KD, the teacher runs on every sample;
+   - `unix75` / `unix50`: `UncertaintyMixupCallback(select_ratio=0.75 / 0.5, uncertainty="entropy", mixup=True)`
+     with the paper's scoring pass (a no-grad pass of the student over the whole batch);
+   - `random75`: the control: a random 75% of each batch, no uncertainty, no mixup, no scoring pass;
+   - `unix75free`: `unix75` with `scoring="free"` (the scoring pass only in the first epoch);
+   - `kd_big` / `unix75_big`: KD and UNIX 0.75 with the larger student (paired with each other);
+   - `select75` / `select50`: selection without mixup (ablations).
+   UNIX mixes the labels the way it mixes the images, so with alpha < 1 its cross-entropy term is
+   `(1 - m) CE(y) + m CE(y_partner)`;
+4. training length and tuning, the same budget for every arm: every setting of the grid (`--lrs` x `--alphas`) is run
+   on validation (seed `--tune_seed`) at every length of `--epoch_ladder`. The length is chosen by
+   `hf_kdsearch.evidence.choose_epochs`: the shortest length at which doubling it no longer lowers any arm's best
+   validation errors by more than max(2 errors, 5%); if no length of the ladder passes, the longest is used and the
+   arms that were still improving are named. Each arm then takes its best setting at that length;
+5. final runs: paired seeds per arm (`--seeds`; `--seed_limits arm:n` runs an arm on the first n only), scored once on
+   the held-out digits, arm after arm in `--arms` order (a run cut short keeps complete arms in `runs.jsonl`, where
+   every run is written as it finishes). Seed s gives every arm of a student size the same initial student, batch
+   order and shifted views (UNIX selects and mixes inside the trainer's loss, after the collate has served the full
+   batch; the collate's checksum must agree across the arms of a seed, or the run stops). With `--tune_seed` one of
+   `--seeds` (e.g. 0), the tuning run of the chosen setting and length is that seed's final run: its held-out errors
+   are taken at its end but kept sealed until the choice is made, and one run per arm is saved. With a one-setting
+   grid that choice is only the length.
 
-Measured per final run: held-out errors; training seconds (own timer, evaluation excluded) and seconds per epoch;
-the samples the teacher actually ran on (a forward hook on the teacher, checked against the trainer's counter) and
-the callback's FLOPs cost estimate `k/N + 1/(F_t/F_s + 2)` relative to plain KD; after every epoch, the validation
-errors against cumulative training seconds (the time-to-accuracy curve; the held-out digits are scored once).
-Every run has one torch thread; `--workers` runs go side by side (default `min(2, cores)`), and the final runs are
-submitted seed by seed, arm after arm, so every arm trains under the same load. The errors do not depend on the
-worker count; the seconds do, and are comparable between arms of one run only.
+Measured per run, every `--eval_every` epochs: validation errors against the epoch, the cumulative teacher samples
+(a forward hook on the teacher, checked against the trainer's counter at the end), the cumulative training CPU
+seconds of the run's own process (one torch thread; other jobs on the machine do not inflate it) and the wall-clock
+seconds (which they do). From these curves, per seed against the arm's baseline (`kd` or `kd_big`):
+- errors at equal cost: the baseline's validation errors after as many teacher samples (and as many CPU seconds) as
+  the arm spent in its whole run, against the arm's final validation errors. The baseline is read mid-schedule there,
+  before its learning rate has decayed, which favours the arm;
+- cost to the same accuracy: the teacher samples and CPU seconds each needs to first reach the worse of the two final
+  validation errors.
+Held-out errors are only ever measured at the end of a run; the equal-cost readings are on validation digits.
 
-It prints a table (errors per seed, mean ± std, chosen setting, teacher samples %, estimated cost %, seconds per epoch
-and their ratio to kd, time to reach kd's final validation errors), the paired difference of each UNIX arm against
-kd with a 95% t-interval, sign test and wins, a verdict per arm, and writes `results.json`, `paired.png` (held-out
-errors per seed) and `time_to_accuracy.png` (validation errors against training seconds) under `--output_dir`.
-
-Measured (torch 2.14.1, transformers 5.25.0, idle 2-core machine, 303 s), held-out errors of 2,000 over seeds 0-4:
-kd 148.8 ± 11.1; unix75 319.6 ± 76.0 (teacher on 75% of the samples, 0.97 of kd's seconds per epoch); unix50
-365.8 ± 109.6 (50%, 0.76). UNIX lost on every seed. `--arms kd select75 select50` (no mixup): 217.2 ± 54.9 and
-386.4 ± 42.4, also worse on every seed. docs/unix.md has the tables and the plots.
+It prints the tables and verdicts, and writes `results.json`, `paired.png` (held-out errors per seed),
+`curves.png` (validation errors per epoch, the final runs), `cpu_to_accuracy.png` and `forwards_to_accuracy.png`
+(validation errors against CPU seconds and against teacher samples) under `--output_dir`.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
 import time
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import timm
-from mnist_common import ShiftCollate, held_out_errors
-from mnist_quickstart import QuickstartArguments, _one_thread, executor, quiet, run_args, splits, teacher_run
-from transformers import HfArgumentParser, TrainerCallback, set_seed
+import torch
+from mnist_common import (
+    EpochClock,
+    QuickstartArguments,
+    ShiftCollate,
+    executor,
+    held_out_errors,
+    one_thread,
+    quiet,
+    run_args,
+    splits,
+    teacher_run,
+)
+from transformers import HfArgumentParser, set_seed
 
 from hf_kdsearch import DistillationTrainer, UncertaintyMixupCallback, count_flops
-from hf_kdsearch.evidence import mean_std, paired_summary, plot_paired, pyplot, save_figure, tune_arms, write_results
+from hf_kdsearch.evidence import (
+    LENGTH_RULE,
+    choose_epochs,
+    cost_to_reach,
+    mean_std,
+    paired_summary,
+    plot_curves,
+    plot_paired,
+    strict_json,
+    tune_arms,
+    value_at_cost,
+    write_results,
+)
 
-#: The callback's settings per arm; None is plain KD.
+#: Per arm: the callback's settings (None: plain KD) and the student ("small": --student_widths, "big": --big_widths).
 ARMS = {
-    "kd": None,
-    "unix75": {"select_ratio": 0.75, "uncertainty": "entropy", "mixup": True},
-    "unix50": {"select_ratio": 0.5, "uncertainty": "entropy", "mixup": True},
-    # Ablations (`--arms kd unix50 select50 ...`): the same selection without mixup.
-    "select75": {"select_ratio": 0.75, "uncertainty": "entropy", "mixup": False},
-    "select50": {"select_ratio": 0.5, "uncertainty": "entropy", "mixup": False},
+    "kd": {"callback": None, "student": "small"},
+    "unix75": {"callback": {"select_ratio": 0.75, "uncertainty": "entropy", "mixup": True}, "student": "small"},
+    "unix50": {"callback": {"select_ratio": 0.5, "uncertainty": "entropy", "mixup": True}, "student": "small"},
+    "random75": {"callback": {"select_ratio": 0.75, "uncertainty": "random", "mixup": False}, "student": "small"},
+    "unix75free": {
+        "callback": {"select_ratio": 0.75, "uncertainty": "entropy", "mixup": True, "scoring": "free"},
+        "student": "small",
+    },
+    "select75": {"callback": {"select_ratio": 0.75, "uncertainty": "entropy", "mixup": False}, "student": "small"},
+    "select50": {"callback": {"select_ratio": 0.5, "uncertainty": "entropy", "mixup": False}, "student": "small"},
+    "kd_big": {"callback": None, "student": "big"},
+    "unix75_big": {"callback": {"select_ratio": 0.75, "uncertainty": "entropy", "mixup": True}, "student": "big"},
 }
-DEFAULT_ARMS = ["kd", "unix75", "unix50"]
+#: The baseline of each student size: every other arm is compared with it, seed by seed.
+BASELINES = {"small": "kd", "big": "kd_big"}
+DEFAULT_ARMS = ["kd", "unix75", "unix50", "random75", "unix75free", "kd_big", "unix75_big"]
 
 
 @dataclass
 class UnixEvidenceArguments(QuickstartArguments):
-    """The quickstart's arguments (regime, teacher, schedule, workers), with this run's output folder and grid."""
+    """The quickstart's arguments (regime, teacher, workers), with this run's arms, grid, lengths and output folder."""
 
-    output_dir: str = field(
-        default="out/evidence_unix",
-        metadata={"help": "Where results.json, paired.png and time_to_accuracy.png go."},
+    output_dir: str = field(default="out/evidence_unix", metadata={"help": "Where results.json and the plots go."})
+    epochs: float = field(default=0, metadata={"help": "Not used here: the lengths come from --epoch_ladder."})
+    epoch_ladder: list[float] = field(
+        default_factory=lambda: [120, 240],
+        metadata={
+            "help": "Schedule lengths tried on validation; the rule picks the one every arm trains for (at 60 -> "
+            "120 epochs the UNIX arms were still improving: docs/unix.md)."
+        },
     )
-    lrs: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4], metadata={"help": "Learning rates to tune."})
-    alphas: list[float] = field(default_factory=lambda: [0.5, 0.9, 1.0], metadata={"help": "KD weights to tune."})
+    eval_every: int = field(default=4, metadata={"help": "Epochs between validation points of a curve."})
+    lrs: list[float] = field(default_factory=lambda: [0.2], metadata={"help": "Learning rates to tune."})
+    alphas: list[float] = field(default_factory=lambda: [0.5, 1.0], metadata={"help": "KD weights to tune."})
     temperature: float = field(default=4.0, metadata={"help": "T of every run."})
+    big_widths: list[int] = field(default_factory=lambda: [8, 8, 16, 16], metadata={"help": "The *_big student."})
     arms: list[str] = field(
         default_factory=lambda: list(DEFAULT_ARMS),
-        metadata={"help": f"Arms to run, kd first; any of {', '.join(ARMS)} (select*: selection without mixup)."},
+        metadata={"help": f"Arms to run, with the baseline of each student size; any of {', '.join(ARMS)}."},
+    )
+    teacher_state: str = field(
+        default="",
+        metadata={
+            "help": "A teacher.pt written by an earlier run of this recipe with the same data and teacher "
+            "arguments: used instead of training the teacher again (its errors are checked on validation)."
+        },
+    )
+    seed_limits: list[str] = field(
+        default_factory=list,
+        metadata={"help": "arm:n runs that arm on the first n of --seeds only (e.g. kd_big:3 unix75_big:3)."},
     )
 
     def __post_init__(self):
         unknown = [a for a in self.arms if a not in ARMS]
-        if unknown or not self.arms or self.arms[0] != "kd" or len(set(self.arms)) != len(self.arms):
-            raise ValueError(f"--arms must start with kd and name distinct arms of {list(ARMS)}; got {self.arms}")
+        sizes = {ARMS[a]["student"] for a in self.arms if a in ARMS}
+        missing = [BASELINES[s] for s in sorted(sizes) if BASELINES[s] not in self.arms]
+        if unknown or missing or not self.arms or len(set(self.arms)) != len(self.arms):
+            raise ValueError(
+                f"--arms must name distinct arms of {list(ARMS)}, with the baseline of each student size "
+                f"({BASELINES}); got {self.arms}"
+            )
+        if self.epochs:
+            raise ValueError("evidence_unix.py chooses its length by a rule: give --epoch_ladder, not --epochs")
+        if not self.epoch_ladder or sorted(self.epoch_ladder) != self.epoch_ladder or min(self.epoch_ladder) <= 0:
+            raise ValueError(f"--epoch_ladder must be positive lengths in rising order; got {self.epoch_ladder}")
+        self.limits = {}
+        for item in self.seed_limits:
+            arm, _, n = item.partition(":")
+            if arm not in self.arms or not n.isdigit() or int(n) < 1:
+                raise ValueError(f"--seed_limits takes arm:n with an arm of --arms and n >= 1; got {item!r}")
+            self.limits[arm] = int(n)
+        for arm, n in self.limits.items():
+            base = BASELINES[ARMS[arm]["student"]]
+            if self.limits.get(base, len(self.seeds)) < n:
+                raise ValueError(f"{arm} runs {n} seeds but its baseline {base} fewer: pairs need both")
+
+    def arm_seeds(self, arm: str) -> list[int]:
+        return self.seeds[: self.limits.get(arm, len(self.seeds))]
 
 
-class EpochClock(TrainerCallback):
-    """Training seconds, without its own evaluations, and the validation errors after every epoch.
-
-    The clock starts at `on_train_begin` and stops at each `on_epoch_end`; the evaluation (`held_out_errors` on
-    `val`, eval mode, no gradients and no random draws, so the run trains exactly as without it) happens while it is
-    stopped. `curve` holds three lists with one entry per epoch: the epoch, the cumulative training seconds and the
-    validation errors.
-    """
-
-    def __init__(self, model, val=None):
-        self.model, self.val = model, val
-        self.epoch_seconds: list[float] = []
-        self.curve: dict[str, list] = {"epoch": [], "seconds": [], "val_errors": []}
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._since = time.perf_counter()
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        self.epoch_seconds.append(time.perf_counter() - self._since)
-        if self.val is not None:
-            training = self.model.training
-            errors = held_out_errors(self.model, self.val)
-            self.model.train(training)
-            self.curve["epoch"].append(float(state.epoch))
-            self.curve["seconds"].append(sum(self.epoch_seconds))
-            self.curve["val_errors"].append(errors)
-        self._since = time.perf_counter()
+def tuning_grid(q: UnixEvidenceArguments) -> list[dict]:
+    """One grid, lr x alpha at the fixed T, for every arm and length: the same budget, the method the only change."""
+    return [{"learning_rate": lr, "temperature": q.temperature, "alpha": a} for lr in q.lrs for a in q.alphas]
 
 
-def tuning_grids(q: UnixEvidenceArguments) -> dict[str, list[dict]]:
-    """One grid, lr x alpha at the fixed T, for every arm: the same tuning budget, the method the only difference."""
-    grid = [{"learning_rate": lr, "temperature": q.temperature, "alpha": a} for lr in q.lrs for a in q.alphas]
-    return {arm: grid[:2] if q.quick else grid for arm in q.arms}
+def widths(q: UnixEvidenceArguments, arm: str) -> list[int]:
+    return q.big_widths if ARMS[arm]["student"] == "big" else q.student_widths
 
 
-def time_to_reach(seconds: list[float], errors: list[int], target: float) -> float | None:
-    """The first cumulative training time at which the errors are at most `target`; None if they never are."""
-    return next((s for s, e in zip(seconds, errors) if e <= target), None)
+def unix_run(q, arm: str, seed: int, setting: dict, epochs: float, score_on: str, teacher: dict, flops: dict) -> dict:
+    """One student distilled in arm `arm` for `epochs` epochs, scored on `score_on` ("val" or "test"; "val+test": a
+    tuning run that may also be a final run, scored on validation, its held-out errors kept sealed under `held_out`).
 
-
-def unix_run(q, arm: str, seed: int, setting: dict, score_on: str, teacher: dict, flops_ratio: float) -> dict:
-    """One student distilled in arm `arm` ("kd", "unix75", "unix50"), scored on `score_on` ("val" or "test").
-
-    Built as the quickstart's distilled student (the same seeding, collate and Trainer settings); a final run
-    (`score_on="test"`) also records the validation curve. The teacher's samples are counted by a forward hook."""
+    Every run records its validation curve (errors, CPU and wall seconds, teacher samples; `EpochClock`). The
+    teacher's samples are counted by a forward hook. A run whose training loss is not finite has `val` NaN (it
+    diverged; the tuning never picks it)."""
     train, val, test, _ = splits(q)
     set_seed(seed)
-    student = timm.create_model("mnist_cnn", widths=q.student_widths)
+    student = timm.create_model("mnist_cnn", widths=widths(q, arm))
     collate = ShiftCollate(seed, q.max_shift)
-    args = run_args(f"{q.output_dir}/{arm}-{seed}", seed, q.epochs, q.batch_size, **setting)
+    args = run_args(f"{q.output_dir}/{arm}-{seed}", seed, epochs, q.batch_size, **setting)
     model = timm.create_model("mnist_cnn", widths=q.teacher_widths)
     model.load_state_dict(teacher["state"])
     ran_on = [0]  # every sample the teacher runs on, whoever calls it
     model.register_forward_hook(lambda module, inputs, out: ran_on.__setitem__(0, ran_on[0] + len(out)))
+    spec = ARMS[arm]["callback"]
+    ratio = flops["teacher"] / flops[ARMS[arm]["student"]]
     # F_t/F_s is given, so the callback runs no FLOPs count through the hooked teacher.
-    unix = None if ARMS[arm] is None else UncertaintyMixupCallback(**ARMS[arm], teacher_flops_ratio=flops_ratio)
-    clock = EpochClock(student, val if score_on == "test" else None)
+    unix = None if spec is None else UncertaintyMixupCallback(**spec, teacher_flops_ratio=ratio)
+    clock = EpochClock(student, val, eval_every=q.eval_every, teacher_samples=lambda: ran_on[0])
     trainer = DistillationTrainer(
         model=student,
         teacher_model=model,
@@ -173,51 +220,60 @@ def unix_run(q, arm: str, seed: int, setting: dict, score_on: str, teacher: dict
         raise RuntimeError(
             f"{arm} seed {seed}: the hook counted {ran_on[0]} teacher samples, the trainer {trainer.teacher_samples}"
         )
-    train_s = sum(clock.epoch_seconds)
+    loss = trainer.state.log_history[-1].get("train_loss", math.nan)
+    errors = held_out_errors(student, test if score_on == "test" else val)
+    sealed = {"held_out": held_out_errors(student, test)} if score_on == "val+test" else {}
     return {
-        "errors": held_out_errors(student, val if score_on == "val" else test),
+        **sealed,
+        "val": float(errors) if math.isfinite(loss) else math.nan,
+        "errors": errors,
+        "train_loss": loss,
         "digest": collate.digest,
         "params": sum(p.numel() for p in student.parameters()),
         "teacher_samples": ran_on[0],
         "samples_seen": trainer.samples_seen,
         "teacher_fraction": ran_on[0] / trainer.samples_seen,
-        "teacher_forwards": unix.totals["teacher_forwards"] if unix else None,
         "cost_ratio": unix.totals["cost_ratio"] if unix else 1.0,
-        "train_s": train_s,
-        "s_per_epoch": train_s / len(clock.epoch_seconds),
-        "epoch_seconds": clock.epoch_seconds,
-        "train_runtime_s": trainer.state.log_history[-1].get("train_runtime"),  # the Trainer's, evaluation included
-        "curve": clock.curve if clock.val is not None else None,
+        "train_s": sum(clock.epoch_seconds),
+        "cpu_s": sum(clock.epoch_cpu_seconds),
+        "cpu_s_per_epoch": sum(clock.epoch_cpu_seconds) / len(clock.epoch_cpu_seconds),
+        "curve": clock.curve,
     }
 
 
-def plot_time_to_accuracy(path: str, runs: dict[str, list[dict]], *, title: str = "") -> None:
-    """Validation errors against cumulative training seconds: a thin line per seed, a thick one for the seeds' mean."""
-    plt = pyplot()
-    from matplotlib.ticker import FuncFormatter
+def equal_cost(base: dict, run: dict) -> dict:
+    """One seed's equal-cost readings of `run` against its baseline `base` (both final runs, validation curves)."""
+    b, r = base["curve"], run["curve"]
+    target = max(b["val_errors"][-1], r["val_errors"][-1])  # an accuracy both reach
+    return {
+        "arm_final_val": r["val_errors"][-1],
+        "base_final_val": b["val_errors"][-1],
+        "base_val_at_arm_teacher_samples": value_at_cost(b["teacher_samples"], b["val_errors"], run["teacher_samples"]),
+        "base_val_at_arm_cpu_s": value_at_cost(b["cpu_seconds"], b["val_errors"], run["cpu_s"]),
+        "target_val": target,
+        "arm_teacher_samples_to_target": cost_to_reach(r["teacher_samples"], r["val_errors"], target),
+        "base_teacher_samples_to_target": cost_to_reach(b["teacher_samples"], b["val_errors"], target),
+        "arm_cpu_s_to_target": cost_to_reach(r["cpu_seconds"], r["val_errors"], target),
+        "base_cpu_s_to_target": cost_to_reach(b["cpu_seconds"], b["val_errors"], target),
+    }
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for i, (arm, rows) in enumerate(runs.items()):
-        colour = f"C{i}"
-        for r in rows:
-            ax.plot(r["curve"]["seconds"], r["curve"]["val_errors"], color=colour, lw=0.7, alpha=0.35)
-        seconds = np.mean([r["curve"]["seconds"] for r in rows], axis=0)
-        errors = np.mean([r["curve"]["val_errors"] for r in rows], axis=0)
-        ax.plot(seconds, errors, "o-", color=colour, lw=2, ms=2.5, label=f"{arm} (mean of {len(rows)} seeds)")
-    if "kd" in runs:
-        target = np.mean([r["curve"]["val_errors"][-1] for r in runs["kd"]])
-        ax.axhline(target, color="0.4", ls="--", lw=0.8, label=f"kd's final validation errors ({target:.0f})")
-    ax.set_yscale("log")
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
-    ax.tick_params(axis="y", which="both", labelsize=8)
-    ax.set_xlabel("training seconds (1 thread, evaluation excluded)")
-    ax.set_ylabel("validation errors")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, which="both", lw=0.3, alpha=0.5)
-    ax.legend(fontsize=8)
-    save_figure(fig, path)
+
+def verdict(name: str, stats: dict, what: str) -> str:
+    ci = stats["ci"]
+    if ci is None:
+        return f"{name}: one seed, no interval ({what})"
+    lo, hi = ci
+    if hi < 0:
+        return f"{name}: fewer errors than its baseline, the interval excludes zero ({what})"
+    if lo > 0:
+        return f"{name}: MORE errors than its baseline, the interval excludes zero ({what})"
+    return f"{name}: no clear difference from its baseline, the interval includes zero ({what})"
+
+
+def fmt_ci(stats: dict) -> str:
+    ci = stats["ci"]
+    where = "no interval" if ci is None else f"95% CI [{ci[0]:+.1f}, {ci[1]:+.1f}]"
+    return f"{stats['diff']:+.1f} ({where}; better on {stats['wins']}/{stats['n']}, {stats['ties']} ties)"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -226,133 +282,225 @@ def main(argv: list[str] | None = None) -> dict:
     load_at_start = os.getloadavg()
     cores = len(os.sched_getaffinity(0))
     workers = q.workers or min(2, cores)
-    _one_thread()  # every run uses one thread, so its numbers do not depend on the machine's core count
+    one_thread()  # every run uses one thread, so its numbers do not depend on the machine's core count
     if q.quick:
-        q.seeds, q.epochs, q.teacher_epochs, q.n_train, q.n_val = q.seeds[:2], 1, 1, 200, 200
-    grids = tuning_grids(q)
+        q.seeds, q.teacher_epochs, q.n_train, q.n_val, q.epoch_ladder, q.eval_every = (
+            q.seeds[:2],
+            1,
+            200,
+            200,
+            [1, 2],
+            1,
+        )
+    grid = tuning_grid(q)
     train, val, test, teacher_data = splits(q)
     flops = {
         "teacher": count_flops(timm.create_model("mnist_cnn", widths=q.teacher_widths), (1, 28, 28)),
-        "student": count_flops(timm.create_model("mnist_cnn", widths=q.student_widths), (1, 28, 28)),
+        "small": count_flops(timm.create_model("mnist_cnn", widths=q.student_widths), (1, 28, 28)),
+        "big": count_flops(timm.create_model("mnist_cnn", widths=q.big_widths), (1, 28, 28)),
     }
-    flops_ratio = flops["teacher"] / flops["student"]
     print(
         f"{len(train)} training, {len(val)} validation, {len(test)} held-out digits; {workers} run(s) at a time, "
-        f"1 thread each ({cores} cores, load {load_at_start[0]:.1f}); F_t/F_s = {flops_ratio:.2f}",
+        f"1 thread each ({cores} cores, load {load_at_start[0]:.1f}); F_t/F_s = {flops['teacher'] / flops['small']:.2f}"
+        f" (small), {flops['teacher'] / flops['big']:.2f} (big)",
         flush=True,
     )
 
     def done(what: str, result: dict) -> dict:
         print(
-            f"  {what}: {result['errors']} errors, {result['s_per_epoch']:.2f} s/epoch ({time.time() - started:.0f} s)",
+            f"  {what}: {result['errors']} errors, {result['cpu_s']:.0f} CPU s, {result['train_s']:.0f} s "
+            f"({time.time() - started:.0f} s)",
             flush=True,
         )
         return result
 
+    os.makedirs(q.output_dir, exist_ok=True)
+    progress = open(f"{q.output_dir}/runs.jsonl", "w")  # every finished run, at once: a cut-off run keeps its data
+
+    def keep(kind: str, arm: str, seed: int, extra: dict, result: dict) -> dict:
+        row = {"kind": kind, "arm": arm, "seed": seed, **extra, **{k: v for k, v in result.items() if k != "state"}}
+        progress.write(json.dumps(strict_json(row), allow_nan=False) + "\n")
+        progress.flush()
+        return result
+
     with executor(workers) as pool:
-        teacher = pool.submit(teacher_run, q).result()
+        if q.teacher_state:
+            teacher = torch.load(q.teacher_state, weights_only=False)
+            check = timm.create_model("mnist_cnn", widths=q.teacher_widths)
+            check.load_state_dict(teacher["state"])
+            if held_out_errors(check, val) != teacher["val"]:
+                raise ValueError(f"{q.teacher_state} does not hold this run's teacher: its validation errors differ")
+        else:
+            teacher = pool.submit(teacher_run, q).result()
+            torch.save(teacher, f"{q.output_dir}/teacher.pt")
         print(
             f"teacher {q.teacher_widths} on {len(teacher_data)} digits: {teacher['val']} validation errors "
             f"({time.time() - started:.0f} s)",
             flush=True,
         )
+        # Tuning: every setting at every length, for every arm (longest first: they take longest).
+        # A tuning seed that is also a final seed (`--tune_seed 0`) saves a run per arm: the tuning run of the chosen
+        # setting and length is that seed's final run. Its held-out errors stay sealed until the choice is made.
+        score = {arm: "val+test" if q.tune_seed in q.arm_seeds(arm) else "val" for arm in q.arms}
         tune = {
-            arm: [pool.submit(unix_run, q, arm, q.tune_seed, s, "val", teacher, flops_ratio) for s in grids[arm]]
+            (length, arm, i): pool.submit(unix_run, q, arm, q.tune_seed, s, length, score[arm], teacher, flops)
+            for length in reversed(q.epoch_ladder)
             for arm in q.arms
+            for i, s in enumerate(grid)
         }
-        tune_rows: dict[str, list[dict]] = {arm: [] for arm in q.arms}
+        sealed = {}
+        tuned = {}
+        for length in q.epoch_ladder:
 
-        def tuned_errors(arm: str, setting: dict) -> int:
-            row = done(f"tune {arm:<6} {setting}", tune[arm][grids[arm].index(setting)].result())
-            tune_rows[arm].append(row)
-            return row["errors"]
+            def trial(arm: str, setting: dict, length=length) -> dict:
+                key = (length, arm, grid.index(setting))
+                row = dict(done(f"tune {length:g} ep {arm:<10} {setting}", tune[key].result()))
+                if "held_out" in row:
+                    sealed[key] = (row.pop("held_out"), dict(row))
+                keep("tune", arm, q.tune_seed, {"epochs": length, "setting": setting}, row)
+                return {k: row[k] for k in ("val", "curve", "cpu_s", "train_s", "teacher_samples", "train_loss")}
 
-        tuned = tune_arms(grids, tuned_errors)
+            tuned[length] = tune_arms({arm: grid for arm in q.arms}, trial)
+        length_rule = choose_epochs(
+            {length: {arm: t["best_val"] for arm, t in tuned[length].items()} for length in q.epoch_ladder}
+        )
+        epochs = length_rule["epochs"] if length_rule["epochs"] is not None else q.epoch_ladder[-1]
+        chosen = {arm: tuned[epochs][arm]["best"] for arm in q.arms}
+        vals = " / ".join(f"{length:g}" for length in q.epoch_ladder)
+        shown = "; ".join(
+            f"{arm} " + " / ".join(f"{tuned[length][arm]['best_val']:g}" for length in q.epoch_ladder) for arm in q.arms
+        )
+        if length_rule["epochs"] is not None:
+            print(
+                f"length rule: {epochs:g} epochs are long enough for every arm (validation errors at {vals}: {shown})"
+            )
+        else:
+            improving = [arm for arm, ok in length_rule["converged"].items() if ok is False]
+            print(
+                f"length rule: no length of {q.epoch_ladder} shown long enough; {epochs:g} used. Still improving at "
+                f"the last step: {', '.join(improving) or 'none checked'} (validation errors at {vals}: {shown})"
+            )
 
-        # Seed by seed, arm after arm: every arm's runs share the workers with the same mix of other runs.
-        finals = {
-            (seed, arm): pool.submit(unix_run, q, arm, seed, tuned[arm]["best"], "test", teacher, flops_ratio)
-            for seed in q.seeds
-            for arm in q.arms
-        }
-        runs = {arm: [done(f"seed {seed} {arm}", finals[seed, arm].result()) for seed in q.seeds] for arm in q.arms}
-    for i, seed in enumerate(q.seeds):
-        digests = {arm: runs[arm][i]["digest"] for arm in q.arms}
-        if len(set(digests.values())) != 1:
-            raise RuntimeError(f"seed {seed}: the arms saw different batches ({digests}); the comparison is not paired")
-    test_errors = {arm: [r["errors"] for r in rs] for arm, rs in runs.items()}
+        # Arm after arm, in --arms order: a run cut short keeps complete, paired arms (its runs.jsonl).
+        finals = {}
+        for arm in q.arms:
+            for seed in q.arm_seeds(arm):
+                key = (epochs, arm, grid.index(chosen[arm]))
+                if seed == q.tune_seed and key in sealed:  # this seed's final run is the chosen tuning run
+                    held_out, row = sealed[key]
+                    finals[arm, seed] = Future()
+                    finals[arm, seed].set_result({**row, "errors": held_out, "reused_tuning_run": True})
+                else:
+                    finals[arm, seed] = pool.submit(unix_run, q, arm, seed, chosen[arm], epochs, "test", teacher, flops)
+        runs = {arm: [] for arm in q.arms}
+        for (arm, s), future in finals.items():  # in submission order, each kept as soon as it is done
+            runs[arm].append(keep("final", arm, s, {"epochs": epochs}, done(f"seed {s} {arm}", future.result())))
+    progress.close()
     seconds = time.time() - started
+    load_at_end = os.getloadavg()
+    for arm in q.arms:
+        base = BASELINES[ARMS[arm]["student"]]
+        for seed, r, b in zip(q.arm_seeds(arm), runs[arm], runs[base]):
+            if r["digest"] != b["digest"]:
+                raise RuntimeError(f"seed {seed}: {arm} and {base} saw different batches; the comparison is not paired")
+    test_errors = {arm: [r["errors"] for r in rs] for arm, rs in runs.items()}
 
     # ---- summary -----------------------------------------------------------------------------------------------
-    kd_s_per_epoch = float(np.mean([r["s_per_epoch"] for r in runs["kd"]]))
-    per_arm = {}
+    per_arm, paired, at_cost, verdicts = {}, {}, {}, {}
     for arm, rows in runs.items():
         mean, std = mean_std(test_errors[arm])
-        # Time to accuracy: when the arm's validation errors first reach kd's final validation errors, same seed.
-        reach = [
-            time_to_reach(r["curve"]["seconds"], r["curve"]["val_errors"], kd["curve"]["val_errors"][-1])
-            for r, kd in zip(rows, runs["kd"])
-        ]
         per_arm[arm] = {
+            "seeds": q.arm_seeds(arm),
             "mean": mean,
             "std": std,
             "teacher_fraction": float(np.mean([r["teacher_fraction"] for r in rows])),
             "cost_ratio": float(np.mean([r["cost_ratio"] for r in rows])),
-            "s_per_epoch": float(np.mean([r["s_per_epoch"] for r in rows])),
-            "s_per_epoch_vs_kd": float(np.mean([r["s_per_epoch"] for r in rows])) / kd_s_per_epoch,
+            "teacher_samples": float(np.mean([r["teacher_samples"] for r in rows])),
+            "cpu_s": float(np.mean([r["cpu_s"] for r in rows])),
+            "cpu_s_per_epoch": float(np.mean([r["cpu_s_per_epoch"] for r in rows])),
+            "train_s": float(np.mean([r["train_s"] for r in rows])),
             "final_val_errors_mean": float(np.mean([r["curve"]["val_errors"][-1] for r in rows])),
-            "seconds_to_kd_final_val": reach,
         }
-    paired = {arm: paired_summary(test_errors["kd"], test_errors[arm]) for arm in q.arms if arm != "kd"}
-    verdicts = {}
-    for arm, stats in paired.items():
-        lo, hi = stats["ci"]
-        a = per_arm[arm]
-        share = f"teacher on {a['teacher_fraction']:.0%} of the samples, estimated cost {a['cost_ratio']:.0%} of kd"
-        if hi < 0:
-            verdicts[arm] = f"{arm} beat kd (the interval excludes zero), {share}"
-        elif lo > 0:
-            verdicts[arm] = f"{arm} LOST to kd (the interval excludes zero), {share}"
-        else:
-            verdicts[arm] = (
-                f"{arm} no clear difference from kd (the interval includes zero; at worst {hi:+.1f}), {share}"
-            )
+        base = BASELINES[ARMS[arm]["student"]]
+        if arm == base:
+            continue
+        n = len(rows)
+        paired[arm] = paired_summary(test_errors[base][:n], test_errors[arm])
+        readings = [equal_cost(b, r) for b, r in zip(runs[base][:n], rows)]
+        arm_final = [x["arm_final_val"] for x in readings]
+        by_forwards = [x["base_val_at_arm_teacher_samples"] for x in readings]
+        by_cpu = [x["base_val_at_arm_cpu_s"] for x in readings]
+        at_cost[arm] = {
+            "baseline": base,
+            "per_seed": readings,
+            "vs_base_at_equal_teacher_samples": None if None in by_forwards else paired_summary(by_forwards, arm_final),
+            "vs_base_at_equal_cpu_s": None if None in by_cpu else paired_summary(by_cpu, arm_final),
+            "cpu_s_ratio": per_arm[arm]["cpu_s"] / per_arm[base]["cpu_s"],
+            "teacher_samples_ratio": per_arm[arm]["teacher_samples"] / per_arm[base]["teacher_samples"],
+        }
+        share = (
+            f"teacher on {per_arm[arm]['teacher_fraction']:.0%} of the samples, "
+            f"{at_cost[arm]['cpu_s_ratio']:.2f}x its CPU s"
+        )
+        verdicts[arm] = verdict(f"{arm} vs {base}, held-out errors after equal epochs", paired[arm], share)
 
     def fmt(setting: dict) -> str:
         return ", ".join(f"{ {'learning_rate': 'lr', 'temperature': 'T'}.get(k, k) }={v:g}" for k, v in setting.items())
 
     print(
-        f"\nHeld-out errors on {len(test)} real MNIST digits (students {'-'.join(map(str, q.student_widths))} trained "
-        f"on {len(train)}, the teacher on {len(teacher_data)}: {teacher['test']} errors; seeds {q.seeds})"
+        f"\nHeld-out errors on {len(test)} real MNIST digits after {epochs:g} epochs (students trained on {len(train)} "
+        f"digits, the teacher on {len(teacher_data)}: {teacher['test']} errors)"
     )
-    head = ("arm", "chosen on validation", "errors per seed", "mean ± std", "teacher", "cost", "s/epoch", "vs kd")
-    print("{:<8} {:<24} {:<26} {:>12} {:>8} {:>6} {:>8} {:>6}  time to kd's final val errors".format(*head))
+    print(
+        "{:<11} {:<22} {:<26} {:>13} {:>8} {:>6} {:>9} {:>6}".format(
+            "arm", "chosen on validation", "errors per seed", "mean ± std", "teacher", "est.", "CPU s/ep", "CPU s"
+        )
+    )
     for arm in q.arms:
         a = per_arm[arm]
-        reach = [s for s in a["seconds_to_kd_final_val"] if s is not None]
         mean_pm = f"{a['mean']:.1f} ± {a['std']:.1f}"
-        when = f"{len(reach)}/{len(q.seeds)} seeds" + (f", median {np.median(reach):.1f} s" if reach else "")
         print(
-            f"{arm:<8} {fmt(tuned[arm]['best']):<24} {str(test_errors[arm]):<26} "
-            f"{mean_pm:>12} {a['teacher_fraction']:>8.1%} {a['cost_ratio']:>6.1%} "
-            f"{a['s_per_epoch']:>8.2f} {a['s_per_epoch_vs_kd']:>6.2f}  {when}"
+            f"{arm:<11} {fmt(chosen[arm]):<22} {str(test_errors[arm]):<26} {mean_pm:>13} "
+            f"{a['teacher_fraction']:>8.1%} {a['cost_ratio']:>6.1%} {a['cpu_s_per_epoch']:>9.2f} {a['cpu_s']:>6.0f}"
         )
+    print("\nPaired against the baseline (negative: fewer errors than the baseline):")
     for arm, stats in paired.items():
-        lo, hi = stats["ci"]
+        c = at_cost[arm]
+        print(f"{arm} - {c['baseline']}, held-out, equal epochs: {fmt_ci(stats)}")
+        for key, label in (
+            ("vs_base_at_equal_teacher_samples", "teacher samples"),
+            ("vs_base_at_equal_cpu_s", "CPU s"),
+        ):
+            s = c[key]
+            print(f"    validation, at equal {label}: " + ("baseline curve too short" if s is None else fmt_ci(s)))
+        reach = [
+            (
+                x["arm_teacher_samples_to_target"] / x["base_teacher_samples_to_target"],
+                x["arm_cpu_s_to_target"] / x["base_cpu_s_to_target"],
+            )
+            for x in c["per_seed"]
+        ]
         print(
-            f"{arm} - kd: {stats['diff']:+.1f} errors, 95% CI [{lo:+.1f}, {hi:+.1f}]; {arm} won {stats['wins']} of "
-            f"{stats['n']} seeds ({stats['ties']} ties), sign test p = {stats['p_sign']:.3f}"
+            "    cost to the worse final validation errors of the pair, arm / baseline, per seed: teacher samples "
+            + ", ".join(f"{f:.2f}" for f, _ in reach)
+            + "; CPU s "
+            + ", ".join(f"{t:.2f}" for _, t in reach)
         )
-    for verdict in verdicts.values():
-        print(f"verdict: {verdict}")
-    print(f"wall-clock {seconds:.0f} s, {workers} run(s) at a time (not part of the reproducible numbers)")
+    for v in verdicts.values():
+        print(f"verdict: {v}")
+    print(
+        f"wall-clock {seconds:.0f} s, {workers} run(s) at a time, load {load_at_start[0]:.1f} at the start and "
+        f"{load_at_end[0]:.1f} at the end (the seconds are not part of the reproducible numbers; the CPU seconds "
+        "are each run's own)"
+    )
 
     summary = {
-        "arguments": asdict(q),
+        "arguments": {**asdict(q), "limits": q.limits},
         "threads": 1,
         "workers": workers,
         "cores": cores,
         "load_average_at_start": list(load_at_start),
+        "load_average_at_end": list(load_at_end),
         "splits": {
             "train": len(train),
             "validation": len(val),
@@ -366,17 +514,25 @@ def main(argv: list[str] | None = None) -> dict:
             "val_errors": teacher["val"],
             "test_errors": teacher["test"],
         },
-        "student": {"widths": q.student_widths, "params": runs["kd"][0]["params"]},
-        "flops": {**flops, "ratio": flops_ratio},
-        "arms": {arm: {"callback": ARMS[arm], "scoring": None if ARMS[arm] is None else "pass"} for arm in q.arms},
-        "grids": grids,
-        "tuning": tuned,
-        "tuning_runs": tune_rows,
-        "seeds": q.seeds,
+        "students": {
+            size: {
+                "widths": w,
+                "params": next((r[0]["params"] for a, r in runs.items() if ARMS[a]["student"] == size), None),
+            }
+            for size, w in (("small", q.student_widths), ("big", q.big_widths))
+        },
+        "flops": flops,
+        "arms": {arm: ARMS[arm] for arm in q.arms},
+        "grid": grid,
+        "length_rule": {**length_rule, "epochs_used": epochs, "stated": LENGTH_RULE},
+        "tuning": {str(length): t for length, t in tuned.items()},
+        "chosen": chosen,
+        "epochs": epochs,
         "test_errors": test_errors,
         "runs": runs,
         "per_arm": per_arm,
         "paired": paired,
+        "equal_cost": at_cost,
         "verdicts": verdicts,
         "wall_clock_s": seconds,
         "cpu_s_main_process": time.process_time() - cpu_started,
@@ -385,17 +541,30 @@ def main(argv: list[str] | None = None) -> dict:
     plot_paired(
         f"{q.output_dir}/paired.png",
         q.seeds,
-        test_errors,
-        title=f"student {'-'.join(map(str, q.student_widths))}, {len(train)} digits\n"
-        + "; ".join(
-            f"{arm} - kd = {s['diff']:+.1f} [{s['ci'][0]:+.1f}, {s['ci'][1]:+.1f}]" for arm, s in paired.items()
-        ),
+        {arm: test_errors[arm] for arm in q.arms if len(test_errors[arm]) == len(q.seeds)},
+        title=f"held-out errors after {epochs:g} epochs, {len(train)} training digits",
     )
-    plot_time_to_accuracy(
-        f"{q.output_dir}/time_to_accuracy.png",
-        runs,
-        title=f"student {'-'.join(map(str, q.student_widths))} on {len(train)} digits, {len(val)} validation digits; "
-        f"{workers} run(s) at a time, 1 thread each",
+    head = f"{len(train)} training digits, final runs, {epochs:g} epochs; 1 thread per run"
+    curves = {arm: [r["curve"]["val_errors"] for r in rows] for arm, rows in runs.items()}
+    plot_curves(
+        f"{q.output_dir}/curves.png",
+        curves,
+        x={arm: [r["curve"]["epoch"] for r in rows] for arm, rows in runs.items()},
+        title=head,
+    )
+    plot_curves(
+        f"{q.output_dir}/cpu_to_accuracy.png",
+        curves,
+        x={arm: [r["curve"]["cpu_seconds"] for r in rows] for arm, rows in runs.items()},
+        xlabel="training CPU seconds of the run's process (evaluation excluded)",
+        title=head,
+    )
+    plot_curves(
+        f"{q.output_dir}/forwards_to_accuracy.png",
+        curves,
+        x={arm: [r["curve"]["teacher_samples"] for r in rows] for arm, rows in runs.items()},
+        xlabel="samples the teacher ran on (forward hook)",
+        title=head,
     )
     return write_results(
         f"{q.output_dir}/results.json",

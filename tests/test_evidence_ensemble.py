@@ -114,11 +114,11 @@ def test_alone_starts_from_its_ensemble_twin_and_sees_its_batches(recipe, tmp_pa
 @pytest.mark.slow  # the whole pipeline in --quick mode (about 15 s): CI's slow tier
 def test_quick_mode_writes_its_results_and_plots(recipe, tmp_path, one_thread):
     # --workers 1: the runs go in this process (a spawned worker could not import a module loaded from a path)
-    summary = recipe.main(["--quick", "--output_dir", str(tmp_path), "--workers", "1"])
+    summary = recipe.main(["--quick", "--output_dir", str(tmp_path), "--workers", "1", "--check_length"])
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     assert on_disk["seeds"] == [0, 1] and on_disk["threads"] == 1 == on_disk["torch_threads"]
-    assert on_disk["command"].endswith("--quick --output_dir " + str(tmp_path) + " --workers 1")
+    assert on_disk["command"].endswith("--quick --output_dir " + str(tmp_path) + " --workers 1 --check_length")
     assert {"hf_kdsearch", "torch", "transformers", "python"} <= set(on_disk["versions"])
     assert on_disk["splits"] == {"train": 300, "validation": 200, "test": 2000, "split_seed": 0}
     S = on_disk["arguments"]["num_students"]
@@ -141,5 +141,13 @@ def test_quick_mode_writes_its_results_and_plots(recipe, tmp_path, one_thread):
     for j, p in enumerate(on_disk["paired"]):
         assert p["n"] == 2 and p["diff"] == sum(e - a for a, e in zip(errors["alone"][j], errors["in_ensemble"][j])) / 2
     assert on_disk["wall_clock_s"] > 0
+    # The length check: each arm's chosen setting at 2 epochs against its 1-epoch tuning run, on validation.
+    check = on_disk["length_check"]
+    assert (check["epochs"], check["long_epochs"]) == (1, 2) and len(check["ensemble"]) == S
+    for j in range(S):
+        assert check["ensemble"][j]["short"] == curves["ensemble"][0][-1]["students"][j]  # one lr in --quick
+        assert check[f"alone_student{j}"]["short"] == tuning[f"alone_student{j}"]["best_val"]
+        for r in (check["ensemble"][j], check[f"alone_student{j}"]):
+            assert r["converged"] == (r["short"] - r["long"] <= r["tolerance"])
     for png in ("paired.png", "curves.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -31,15 +31,25 @@ def test_quickstart_quick_mode_writes_its_results_and_plot(tmp_path, monkeypatch
     spec.loader.exec_module(quickstart)
     threads = torch.get_num_threads()
     try:  # --workers 1: the runs go in this process (a spawned worker could not import a module loaded from a path)
-        summary = quickstart.main(["--quick", "--workers", "1", "--output_dir", str(tmp_path)])
+        summary = quickstart.main(["--quick", "--workers", "1", "--output_dir", str(tmp_path), "--check_length"])
     finally:
         torch.set_num_threads(threads)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     assert on_disk["seeds"] == [0, 1] and on_disk["threads"] == 1 == on_disk["torch_threads"]
     assert on_disk["workers"] == 1
-    assert on_disk["command"].endswith("--quick --workers 1 --output_dir " + str(tmp_path))
+    assert on_disk["command"].endswith("--quick --workers 1 --output_dir " + str(tmp_path) + " --check_length")
     assert {"hf_kdsearch", "torch", "transformers", "python"} <= set(on_disk["versions"])
+    assert on_disk["machine"]["cpu_model"] and on_disk["machine"]["torch_build"]  # what the digits depend on
+    # Every final run's validation curve (one epoch in --quick), and the length check at twice the epochs.
+    curves = on_disk["validation_curves"]
+    assert [len(curves["alone"]), len(curves["distilled"])] == [2, 2]
+    assert all(c["epoch"] == [1.0] and 0 <= c["val_errors"][0] <= 200 for c in curves["alone"] + curves["distilled"])
+    check = on_disk["length_check"]
+    assert (check["epochs"], check["long_epochs"], check["rule"]) == (1, 2, {"rel_tol": 0.05, "abs_tol": 2.0})
+    for arm in ("alone", "distilled"):
+        assert check[arm]["short"] == on_disk["tuning"][arm]["best_val"]
+        assert check[arm]["converged"] == (check[arm]["short"] - check[arm]["long"] <= check[arm]["tolerance"])
     # Equal tuning budget: the same number of validation runs per arm; the chosen setting is one of them.
     tuning = on_disk["tuning"]
     assert set(tuning) == {"alone", "distilled"}
