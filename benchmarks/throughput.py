@@ -54,10 +54,8 @@ from collections.abc import Callable
 import timm
 import torch
 import torch.nn.functional as F
-import transformers
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-import hf_kdsearch
 from hf_kdsearch import (
     ClassificationTrainer,
     DistillationArguments,
@@ -67,6 +65,7 @@ from hf_kdsearch import (
     kd_loss,
 )
 from hf_kdsearch.fastpath import DeviceImageDataset, random_crop_flip
+from hf_kdsearch.versions import versions
 
 NUM_CLASSES = 100
 ALPHA, TEMPERATURE, LR = 0.9, 4.0, 0.05
@@ -651,11 +650,7 @@ def environment(args) -> dict:
     device = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else platform.processor() or "cpu"
     return {
         "device": f"{args.device.type}: {device}",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "timm": timm.__version__,
-        "hf_kdsearch": getattr(hf_kdsearch, "__version__", "?"),
-        "python": platform.python_version(),
+        **versions(("torch", "transformers", "timm", "hf_kdsearch")),
         "precision": args.precision,
         "models": f"{args.teacher} -> {args.student}",
         "steps": f"{args.steps} timed after {args.warmup} warm-up, best of {args.repeats} interleaved rounds",

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import platform
-import re
 import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -43,6 +42,8 @@ from typing import Any
 import torch
 
 from .data import TensorImageDataset, load_mnist10k
+from .redact import redact_argv
+from .versions import versions
 
 __all__ = [
     "protocol_split",
@@ -312,24 +313,9 @@ def cost_to_reach(costs: Sequence[float], values: Sequence[float], target: float
 # ---- output --------------------------------------------------------------------------------------------------------
 
 
-_TOKEN_FLAG = re.compile(r"^(--?(?:[\w-]*[_-])?token)(=.*)?$", re.IGNORECASE)
-_HUB_TOKEN = re.compile(r"hf_[A-Za-z0-9]{10,}")
-
-
 def redact_command(argv: Sequence[str]) -> str:
-    """`argv` joined by spaces, with the value of every `--token` / `--*_token` / `--*-token` flag and anything shaped
-    like a Hub token (`hf_` and 10+ letters or digits) replaced by `***`."""
-    out, hide_next = [], False
-    for arg in argv:
-        match = _TOKEN_FLAG.match(arg)
-        if hide_next:
-            arg, hide_next = "***", False
-        elif match and match.group(2) is not None:
-            arg = f"{match.group(1)}=***"
-        elif match:
-            hide_next = True
-        out.append(_HUB_TOKEN.sub("***", arg))
-    return " ".join(out)
+    """`argv` joined by spaces, tokens redacted (`hf_kdsearch.redact.redact_argv`)."""
+    return " ".join(redact_argv(argv))
 
 
 def machine_info() -> dict[str, Any]:
@@ -367,21 +353,12 @@ def strict_json(value: Any) -> Any:
 def write_results(path: str, summary: Mapping[str, Any], *, command: Sequence[str] | None = None) -> dict[str, Any]:
     """Write `summary` plus versions, the machine (`machine_info`), the command line (tokens redacted) and the thread
     count as strict JSON to `path` (non-finite numbers become `null`); return what was written."""
-    import transformers
-
-    from . import __version__
-
     record = strict_json(
         {
             **summary,
             "command": redact_command(command if command is not None else sys.argv),
             "torch_threads": torch.get_num_threads(),
-            "versions": {
-                "hf_kdsearch": __version__,
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "python": platform.python_version(),
-            },
+            "versions": versions(("hf_kdsearch", "torch", "transformers", "timm")),
             "machine": machine_info(),
         }
     )

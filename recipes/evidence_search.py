@@ -40,8 +40,17 @@ from dataclasses import asdict, dataclass, field
 
 import timm
 import torch
-from mnist_common import ShiftCollate, held_out_errors
-from mnist_quickstart import QuickstartArguments, _one_thread, executor, quiet, run_args, splits, teacher_run
+from mnist_common import (
+    QuickstartArguments,
+    ShiftCollate,
+    executor,
+    held_out_errors,
+    one_thread,
+    quiet,
+    run_args,
+    splits,
+    teacher_run,
+)
 from transformers import HfArgumentParser, set_seed
 
 from hf_kdsearch import ClassificationTrainer, DistillationTrainer, GateSearchCallback, add_gates, count_flops
@@ -191,8 +200,9 @@ def plot_paired_settings(path: str, seeds: list[int], settings: dict[str, dict])
             ax.plot([j - 0.2, j + 0.2], [sum(v) / len(v)] * 2, color="C3", lw=2.5)
         ax.set_xticks([0, 1], ["uniform", f"searched\n({s['chosen']})"], fontsize=8)
         ax.set_xlim(-0.5, 1.5)
-        lo, hi = s["paired"]["ci"]
-        ax.set_title(f"{label}\n{s['paired']['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}]", fontsize=8)
+        ci = s["paired"]["ci"]  # None with one seed
+        interval = f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else ""
+        ax.set_title(f"{label}\n{s['paired']['diff']:+.1f}{interval}", fontsize=8)
     axes[0][0].set_ylabel("held-out errors (of 2,000)")
     save_figure(fig, path)
 
@@ -221,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     cores = len(os.sched_getaffinity(0))
     workers = q.workers or min(2, cores)
-    _one_thread()
+    one_thread()
     if q.quick:
         q.seeds, q.n_train, q.n_val, q.epochs, q.teacher_epochs = q.seeds[:2], 200, 200, 1, 1
         q.search_epochs, q.resnet_teacher_epochs = 1, 1
@@ -302,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
                     raise RuntimeError(f"{label}, seed {seed}: the arms saw different batches; not paired")
             ue, me = [x["errors"] for x in u], [x["errors"] for x in m]
             stats = paired_summary(ue, me)
-            lo, hi = stats["ci"]
+            lo, hi = stats["ci"] or (float("nan"), float("nan"))  # one seed: no interval
             cands = cand_runs[key]
             print(f"\n{label}: teacher {t_flops[f]:,} FLOPs; candidates (validation errors of {len(val)}):")
             for c in cands:

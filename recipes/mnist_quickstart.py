@@ -57,10 +57,6 @@ from transformers import HfArgumentParser, set_seed
 from hf_kdsearch import ClassificationTrainer, DistillationTrainer
 from hf_kdsearch.evidence import LENGTH_RULE, length_converged, paired_summary, plot_paired, tune_arms, write_results
 
-# The names `recipes/evidence_search.py` imports from here; they live in mnist_common.
-__all__ = ["QuickstartArguments", "executor", "quiet", "run_args", "splits", "teacher_run", "main", "student_run"]
-_one_thread = one_thread
-
 # One list per arm, of the same length: the tuning budget is one validation run per setting, equal for both arms.
 GRIDS = {
     "alone": [{"learning_rate": lr} for lr in (0.1, 0.2, 0.4, 0.8)],

@@ -82,7 +82,7 @@ def test_write_results_records_the_machine_and_redacts_tokens(tmp_path):
     record = evidence.write_results(str(tmp_path / "r.json"), {}, command=command)
     text = (tmp_path / "r.json").read_text()
     assert token not in text and "secret1" not in text
-    assert record["command"] == "python r.py --hub_token *** --api-token=*** --lr 0.1 note=***"
+    assert record["command"] == "python r.py --hub_token <redacted> --api-token=<redacted> --lr 0.1 note=<redacted>"
     machine = record["machine"]
     assert machine["cpu_model"] and machine["logical_cpus"] >= 1
     assert machine["torch_cpu_capability"] and machine["torch_git"]
@@ -94,7 +94,8 @@ def test_redact_command_leaves_ordinary_arguments_alone():
     argv = ["python", "x.py", "--seeds", "0", "1", "--output_dir", "out/hf_run", "--token_budget", "5", "--token", "t"]
     # Only flags that end in `token` hide their value; short `hf_` words are not tokens.
     assert (
-        evidence.redact_command(argv) == "python x.py --seeds 0 1 --output_dir out/hf_run --token_budget 5 --token ***"
+        evidence.redact_command(argv)
+        == "python x.py --seeds 0 1 --output_dir out/hf_run --token_budget 5 --token <redacted>"
     )
 
 
