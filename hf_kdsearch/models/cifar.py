@@ -16,6 +16,8 @@ import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from .mnist import SmallCNN
+
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
@@ -80,6 +82,28 @@ class _CifarNet(nn.Module):
     """What the two CIFAR families share: the shape arguments, a 3x3 stem, stages of residual blocks, and timm's
     classifier API. ResNets have a BN after the stem; pre-activation WRNs a final BN after the last stage instead."""
 
+    block: type[nn.Module]
+    default_layers: tuple[int, ...]
+    default_stage_widths: tuple[int, ...]
+
+    def __init__(
+        self,
+        layers: Sequence[int] | None = None,
+        stem_width: int = 16,
+        stage_widths: Sequence[int] | None = None,
+        block_widths: Sequence[Sequence[int]] | None = None,
+        removed_blocks: Sequence | None = None,
+        num_classes: int = 100,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        **kwargs,
+    ):
+        super().__init__()
+        layers = self.default_layers if layers is None else layers
+        stage_widths = self.default_stage_widths if stage_widths is None else stage_widths
+        self._build(self.block, layers, stem_width, stage_widths, block_widths, removed_blocks, num_classes, in_chans)
+        self.drop_rate = drop_rate
+
     def _build(self, block, layers, stem_width, stage_widths, block_widths, removed_blocks, num_classes, in_chans):
         block_widths = _check_widths(type(self).__name__, stage_widths, layers, block_widths)
         removed = _normalise_removed(removed_blocks)
@@ -113,14 +137,9 @@ class _CifarNet(nn.Module):
         self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x).flatten(1)
-        if self.drop_rate:
-            x = nn.functional.dropout(x, self.drop_rate, self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    # timm's head API, the same as the MNIST CNN's: pool, optional dropout, linear head.
+    forward_head = SmallCNN.forward_head
+    forward = SmallCNN.forward
 
 
 class CifarResNet(_CifarNet):
@@ -136,21 +155,7 @@ class CifarResNet(_CifarNet):
         in_chans: input channels.
     """
 
-    def __init__(
-        self,
-        layers: Sequence[int] = (3, 3, 3),
-        stem_width: int = 16,
-        stage_widths: Sequence[int] = (16, 32, 64),
-        block_widths: Sequence[Sequence[int]] | None = None,
-        removed_blocks: Sequence | None = None,
-        num_classes: int = 100,
-        in_chans: int = 3,
-        drop_rate: float = 0.0,
-        **kwargs,
-    ):
-        super().__init__()
-        self._build(BasicBlock, layers, stem_width, stage_widths, block_widths, removed_blocks, num_classes, in_chans)
-        self.drop_rate = drop_rate
+    block, default_layers, default_stage_widths = BasicBlock, (3, 3, 3), (16, 32, 64)
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.bn1(self.conv1(x)))
@@ -191,23 +196,7 @@ class WideBasicBlock(nn.Module):
 class CifarWideResNet(_CifarNet):
     """Wide ResNet WRN-depth-k for 32x32 inputs; `layers` blocks per stage, `(depth - 4) / 6` in the paper."""
 
-    def __init__(
-        self,
-        layers: Sequence[int] = (2, 2, 2),
-        stem_width: int = 16,
-        stage_widths: Sequence[int] = (32, 64, 128),
-        block_widths: Sequence[Sequence[int]] | None = None,
-        removed_blocks: Sequence | None = None,
-        num_classes: int = 100,
-        in_chans: int = 3,
-        drop_rate: float = 0.0,
-        **kwargs,
-    ):
-        super().__init__()
-        self._build(
-            WideBasicBlock, layers, stem_width, stage_widths, block_widths, removed_blocks, num_classes, in_chans
-        )
-        self.drop_rate = drop_rate
+    block, default_layers, default_stage_widths = WideBasicBlock, (2, 2, 2), (32, 64, 128)
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv1(x)
