@@ -275,6 +275,7 @@ class GateSearchCallback(DistillationCallback, ExportableState):
         self._costs = plan.unit_costs().to(device, torch.float32)
         self._plan = plan
         self._is_width = [g.kind == WIDTH for g in plan.groups.values()]
+        self._width_mask = torch.tensor(self._is_width, device=device)  # once: read every step, no copy per step
         self._sizes = torch.tensor([g.size for g in plan.groups.values()], device=device, dtype=torch.float32)
         if state.global_step > 0:
             # Resuming: the Trainer has loaded trainer_state.json, whose stateful_callbacks hold our lambda. (With
@@ -299,8 +300,7 @@ class GateSearchCallback(DistillationCallback, ExportableState):
         """`flops_ratio`: the FLOPs of the student the gates select now (units with `|g| > keep_threshold`, at least
         one channel per live width group), relative to the teacher; a 0-d tensor on the gates' device, no host sync."""
         kept = torch.stack([(g.detach().abs() > self.keep_threshold).sum().float() for g in self._gates])
-        width = torch.tensor(self._is_width, device=kept.device)
-        fractions = torch.where(width, kept.clamp(min=1) / self._sizes, kept)
+        fractions = torch.where(self._width_mask, kept.clamp(min=1) / self._sizes, kept)
         return self._plan.flops_of(fractions) / self._plan.total_flops
 
     def project_gates(self) -> None:
@@ -309,13 +309,15 @@ class GateSearchCallback(DistillationCallback, ExportableState):
             return
         with torch.no_grad():
             for g, width in zip(self._gates, self._is_width):
-                best = g.argmax()
+                if not (width and self.gate_projection == "max"):
+                    g.clamp_(0.0, 1.0)
+                    continue
+                best = g.argmax()  # before the clamp: the unit kept when the whole group is pushed to 0
                 g.clamp_(0.0, 1.0)
-                if width and self.gate_projection == "max":
-                    # A group pushed to 0 all at once keeps its best unit: every layer keeps a gate at exactly 1.
-                    top = g.max()
-                    only_best = torch.zeros_like(g).index_fill_(0, best.reshape(1), 1.0)
-                    g.copy_(torch.where(top > 0, g / top.clamp(min=1e-12), only_best))
+                # A group pushed to 0 all at once keeps its best unit: every layer keeps a gate at exactly 1.
+                top = g.max()
+                only_best = torch.zeros_like(g).index_fill_(0, best.reshape(1), 1.0)
+                g.copy_(torch.where(top > 0, g / top.clamp(min=1e-12), only_best))
 
     # ---- the loss term -----------------------------------------------------------------------------------------------
     def on_distill_loss(self, trainer, model, inputs, student_logits, teacher_logits):
