@@ -25,15 +25,21 @@ def test_kd_matches_float64_reference_with_t_squared(T):
 
 def test_t_squared_keeps_gradient_scale_at_high_temperature():
     # For large T the gradient of T^2 KL w.r.t. s tends to (s - t) / (C * N) up to centring: independent of T.
-    s, t = torch.randn(4, 10), torch.randn(4, 10)
+    # Seeded: the limit is approached at O(|s - t|^2 / T), so an entry near zero needs an absolute tolerance that
+    # scales with the gradient, not a fixed 1e-5 (unseeded, that failed on about one draw in a hundred).
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g)
     grads = []
     for T in (500.0, 2000.0):
         s_ = s.clone().requires_grad_()
         kd_loss(s_, teacher_logits=t, temperature=T).backward()
         grads.append(s_.grad)
-    torch.testing.assert_close(grads[0], grads[1], rtol=2e-2, atol=1e-5)
     expected = ((s - s.mean(-1, keepdim=True)) - (t - t.mean(-1, keepdim=True))) / (10 * 4)
-    torch.testing.assert_close(grads[1], expected, rtol=2e-2, atol=1e-5)
+    atol = 1e-2 * expected.abs().max().item()
+    torch.testing.assert_close(grads[0], grads[1], rtol=2e-2, atol=atol)
+    torch.testing.assert_close(grads[1], expected, rtol=2e-2, atol=atol)
+    # The T^2 factor is what keeps this scale: without it the gradient would shrink by 16 from T = 500 to 2000.
+    assert grads[1].abs().max() > 0.5 * expected.abs().max()
 
 
 def test_kd_averages_per_sample_not_per_class():
