@@ -81,8 +81,10 @@ INPUT = (1, 28, 28)
 STARTS = ("scratch", "teacher")
 #: The residual teacher: cifar_resnet20 at half width, for one-channel 28 x 28 digits and 10 classes.
 RESNET = {"stem_width": 8, "stage_widths": [8, 16, 32], "in_chans": 1, "num_classes": 10}
-#: Lengths every candidate is run at (see --epoch_ladder): what fits about 25 minutes on 2 idle cores.
-DEFAULT_LADDER = [10.0, 20.0]
+#: Lengths every candidate is run at (see --epoch_ladder). A student epoch of 1,000 digits costs about 1 CPU second
+#: (CNN students) and 2.5 (ResNet), teacher forwards included, so the default run needs about 2,500 CPU seconds at
+#: most (every final at 24 epochs, two arms per setting): about 20 minutes on 2 idle cores.
+DEFAULT_LADDER = [12.0, 24.0]
 
 
 @dataclass
@@ -99,7 +101,7 @@ class SearchEvidenceArguments(QuickstartArguments):
             "picks the one the setting's final runs train for."
         },
     )
-    eval_every: int = field(default=2, metadata={"help": "Epochs between validation points of a run's curve."})
+    eval_every: int = field(default=3, metadata={"help": "Epochs between validation points of a run's curve."})
     teacher_epochs: float = field(default=4, metadata={"help": "Epochs of the CNN teacher (over its 7,000 digits)."})
     budgets: list[float] = field(
         default_factory=lambda: [0.25, 0.10], metadata={"help": "FLOPs budgets of the CNN, fractions of the teacher's."}
