@@ -234,7 +234,7 @@ def student_job(q, family: str, teacher_state: dict, spec: dict, start: str, see
             train_dataset=train,
             data_collator=collate,
             callbacks=[clock],
-        )  # fmt: skip
+        )
     )
     errors = held_out_errors(student, val if score_on == "val" else test)
     return {
@@ -278,7 +278,7 @@ def plot_paired_settings(path: str, seeds: list[int], settings: dict[str, dict])
         ax.set_xlim(-0.5, 1.5)
         ci = s["paired"]["ci"]  # None with one seed
         interval = f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else ""
-        ax.set_title(f"{label}\n{s['paired']['diff']:+.1f}{interval}", fontsize=8)
+        ax.set_title(f"{label}, {s['epochs']:g} epochs\n{s['paired']['diff']:+.1f}{interval}", fontsize=8)
     axes[0][0].set_ylabel("held-out errors (of 2,000)")
     save_figure(fig, path)
 
