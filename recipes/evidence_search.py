@@ -16,18 +16,29 @@ comparison protocol of `hf_kdsearch.evidence`, with the search as the library ru
    trainable, `--search_epochs` of `DistillationTrainer` with `GateSearchCallback` (FLOPs-weighted L1, the "max" gate
    projection, the controller on the selected student's FLOPs). At its end the callback ranks units by
    `unit_importance` and lists the width candidates `uniform`, `found`, `box` (0.75-1.5x uniform per layer).
-4. Candidate selection, per setting (teacher, budget, start): each candidate (at most `--max_candidate_runs`, uniform
-   first) is distilled once on the training digits exactly as the final runs will be (same epochs, lr and start:
-   from scratch, or from the teacher's weights as cut out, gates folded in) with `--tune_seed`, and scored on
-   validation; `pick_candidate` keeps the fewest errors, ties to uniform. That is *the* searched student.
-5. Finals: the searched student and uniform thinning, 5 paired seeds (seed s: same initialisation rule, batch order and
-   views; checked), scored once on the held-out digits. When the searched student *is* uniform, the two arms are the
-   same runs, reported as a tie (the runs are deterministic, so they are run once).
+4. Training length and candidate selection, per setting (teacher, budget, start), the same budget for every
+   candidate: each candidate (at most `--max_candidate_runs`, uniform first) is distilled on the training digits
+   exactly as the final runs will be (same lr and start: from scratch, or from the teacher's weights as cut out, gates
+   folded in) with `--tune_seed`, once at every length of `--epoch_ladder`, and scored on validation. The length is
+   chosen by `hf_kdsearch.evidence.choose_epochs`: the shortest length at which the next one of the ladder no longer
+   lowers any candidate's validation errors by more than max(2 errors, 5%); if no length passes, the longest is used
+   and the candidates still improving are named. `pick_candidate` then keeps the fewest validation errors *at that
+   length*, ties to uniform. That is *the* searched student.
+5. Finals: the searched student and uniform thinning, trained for the setting's length, 5 paired seeds (seed s: same
+   initialisation rule, batch order and views; checked), scored once on the held-out digits. When the searched
+   student *is* uniform, the two arms are the same runs, reported as a tie (the runs are deterministic, so they are
+   run once).
+
+Every student run (candidates and finals) records its validation curve (`EpochClock`: validation errors every
+`--eval_every` epochs and after the last, with the run's own CPU seconds); the held-out digits are scored only at the
+end of a final run.
 
 Every run uses one torch thread; `--workers` runs go side by side in worker processes, so the numbers do not depend on
-the machine's core count. It prints, per setting, every candidate (widths, FLOPs, validation errors, seconds), the
-chosen one, and searched against uniform (mean ± std, the paired difference with its 95% t-interval, wins out of N,
-sign test), and writes `results.json`, `paired.png` and `widths.png` under `--output_dir`.
+the machine's core count. It prints, per setting, every candidate (widths, FLOPs, validation errors at each length),
+the length and the rule's verdict, the chosen candidate, and searched against uniform (mean ± std, the paired
+difference with its 95% t-interval, wins out of N, sign test), and writes `results.json` (per setting: the length
+rule, the candidates' runs and curves at every length, the finals' curves), `paired.png`, `widths.png` and
+`curves.png` (the finals' validation curves) under `--output_dir`.
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 import timm
 import torch
 from mnist_common import (
+    EpochClock,
     QuickstartArguments,
     ShiftCollate,
     executor,
@@ -55,12 +67,24 @@ from transformers import HfArgumentParser, set_seed
 
 from hf_kdsearch import ClassificationTrainer, DistillationTrainer, GateSearchCallback, add_gates, count_flops
 from hf_kdsearch.candidates import pick_candidate
-from hf_kdsearch.evidence import paired_summary, pyplot, save_figure, write_results
+from hf_kdsearch.evidence import (
+    LENGTH_RULE,
+    choose_epochs,
+    paired_summary,
+    plot_curves,
+    pyplot,
+    save_figure,
+    write_results,
+)
 
 INPUT = (1, 28, 28)
 STARTS = ("scratch", "teacher")
 #: The residual teacher: cifar_resnet20 at half width, for one-channel 28 x 28 digits and 10 classes.
 RESNET = {"stem_width": 8, "stage_widths": [8, 16, 32], "in_chans": 1, "num_classes": 10}
+#: Lengths every candidate is run at (see --epoch_ladder). A student epoch of 1,000 digits costs about 1 CPU second
+#: (CNN students) and 2.5 (ResNet), teacher forwards included, so the default run needs about 2,500 CPU seconds at
+#: most (every final at 24 epochs, two arms per setting): about 20 minutes on 2 idle cores.
+DEFAULT_LADDER = [12.0, 24.0]
 
 
 @dataclass
@@ -69,7 +93,15 @@ class SearchEvidenceArguments(QuickstartArguments):
     `--student_widths` is unused (the search finds the widths)."""
 
     output_dir: str = field(default="out/evidence_search", metadata={"help": "Where results.json and the plots go."})
-    epochs: float = field(default=8, metadata={"help": "Distillation epochs of every student (candidates too)."})
+    epochs: float = field(default=0, metadata={"help": "Not used here: the lengths come from --epoch_ladder."})
+    epoch_ladder: list[float] = field(
+        default_factory=lambda: DEFAULT_LADDER,
+        metadata={
+            "help": "Distillation lengths (epochs, rising) every candidate is run at on validation; the length rule "
+            "picks the one the setting's final runs train for."
+        },
+    )
+    eval_every: int = field(default=3, metadata={"help": "Epochs between validation points of a run's curve."})
     teacher_epochs: float = field(default=4, metadata={"help": "Epochs of the CNN teacher (over its 7,000 digits)."})
     budgets: list[float] = field(
         default_factory=lambda: [0.25, 0.10], metadata={"help": "FLOPs budgets of the CNN, fractions of the teacher's."}
@@ -89,8 +121,18 @@ class SearchEvidenceArguments(QuickstartArguments):
         default=3, metadata={"help": "Validation runs per setting to pick the candidate (uniform first; >= 1)."}
     )
     quick: bool = field(
-        default=False, metadata={"help": "Smoke run: 200 + 200 digits, 2 seeds, 1 epoch (teachers and search too)."}
+        default=False,
+        metadata={"help": "Smoke run: 200 + 200 digits, 2 seeds, ladder 1, 2 epochs (teachers and search: 1 epoch)."},
     )
+
+    def __post_init__(self):
+        if self.epochs:
+            raise ValueError("evidence_search.py chooses its length by a rule: give --epoch_ladder, not --epochs")
+        if not self.epoch_ladder or sorted(self.epoch_ladder) != self.epoch_ladder or min(self.epoch_ladder) <= 0:
+            raise ValueError(f"--epoch_ladder must be positive lengths in rising order; got {self.epoch_ladder}")
+        if len(set(self.epoch_ladder)) != len(self.epoch_ladder) or self.eval_every < 1:
+            raise ValueError(f"--epoch_ladder must not repeat a length and --eval_every must be >= 1; got "
+                             f"{self.epoch_ladder}, {self.eval_every}")  # fmt: skip
 
 
 # ---- the runs: functions of their arguments alone, so they give the same numbers in any process -------------------
@@ -166,8 +208,11 @@ def search_job(q: SearchEvidenceArguments, family: str, teacher_state: dict, rat
     }
 
 
-def student_job(q, family: str, teacher_state: dict, spec: dict, start: str, seed: int, score_on: str) -> dict:
-    """One student distilled on the training digits, from scratch or from its cut-out weights, scored on `score_on`."""
+def student_job(q, family: str, teacher_state: dict, spec: dict, start: str, seed: int, score_on: str,
+                epochs: float) -> dict:  # fmt: skip
+    """One student distilled on the training digits for `epochs`, from scratch or from its cut-out weights, scored on
+    `score_on` ("val" or "test"), with its validation curve (`EpochClock`, every `q.eval_every` epochs and after the
+    last; the evaluation leaves the run as it is)."""
     started = time.time()
     train, val, test, _ = splits(q)
     teacher = load_teacher(q, family, teacher_state)
@@ -178,13 +223,44 @@ def student_job(q, family: str, teacher_state: dict, spec: dict, start: str, see
         student.load_state_dict(spec["state"])
     collate = ShiftCollate(seed, q.max_shift)
     lr = q.lr_teacher if start == "teacher" else q.lr_scratch
-    args = run_args(f"{q.output_dir}/student-{seed}", seed, q.epochs, q.batch_size, temperature=4.0, alpha=0.9,
+    args = run_args(f"{q.output_dir}/student-{seed}", seed, epochs, q.batch_size, temperature=4.0, alpha=0.9,
                     learning_rate=lr)  # fmt: skip
+    clock = EpochClock(student, val, eval_every=q.eval_every)
     quiet(
-        DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train, data_collator=collate)
+        DistillationTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=train,
+            data_collator=collate,
+            callbacks=[clock],
+        )
     )
     errors = held_out_errors(student, val if score_on == "val" else test)
-    return {"errors": errors, "digest": collate.digest, "seconds": time.time() - started}
+    return {
+        "errors": errors,
+        "digest": collate.digest,
+        "seconds": time.time() - started,
+        "cpu_s": sum(clock.epoch_cpu_seconds),
+        "cpu_s_per_epoch": sum(clock.epoch_cpu_seconds) / len(clock.epoch_cpu_seconds),
+        "curve": {k: clock.curve[k] for k in ("epoch", "seconds", "cpu_seconds", "val_errors")},
+    }
+
+
+def length_line(rule: dict) -> str:
+    """`length: L epochs (rule: ...)`, or the longest length with the candidates that were still improving."""
+    epochs, checks = rule["epochs_used"], rule["checks"]
+    tol = f"max({rule['rule']['abs_tol']:g} errors, {rule['rule']['rel_tol']:.0%})"
+    if rule["epochs"] is not None:
+        nxt = next(c["long_epochs"] for c in checks if c["short_epochs"] == epochs)
+        return (f"length: {epochs:g} epochs (rule: {nxt:g} epochs lowered no candidate's validation errors by more "
+                f"than {tol})")  # fmt: skip
+    if not checks:
+        return f"length: {epochs:g} epochs, the only length of the ladder (no rule applied)"
+    last = checks[-1]["short_epochs"]
+    improving = [f"{c['arm']} ({c['short']:g} -> {c['long']:g})" for c in checks
+                 if c["short_epochs"] == last and not c["converged"]]  # fmt: skip
+    return f"length: {epochs:g} epochs, the longest; still improving by more than {tol}: {', '.join(improving)}"
 
 
 # ---- the plots ------------------------------------------------------------------------------------------------------
@@ -202,7 +278,7 @@ def plot_paired_settings(path: str, seeds: list[int], settings: dict[str, dict])
         ax.set_xlim(-0.5, 1.5)
         ci = s["paired"]["ci"]  # None with one seed
         interval = f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else ""
-        ax.set_title(f"{label}\n{s['paired']['diff']:+.1f}{interval}", fontsize=8)
+        ax.set_title(f"{label}, {s['epochs']:g} epochs\n{s['paired']['diff']:+.1f}{interval}", fontsize=8)
     axes[0][0].set_ylabel("held-out errors (of 2,000)")
     save_figure(fig, path)
 
@@ -229,12 +305,13 @@ def plot_candidate_widths(path: str, searches: dict[str, dict]) -> None:
 def main(argv: list[str] | None = None) -> dict:
     (q,) = HfArgumentParser(SearchEvidenceArguments).parse_args_into_dataclasses(argv)
     started = time.time()
+    load_at_start = os.getloadavg()
     cores = len(os.sched_getaffinity(0))
     workers = q.workers or min(2, cores)
     one_thread()
     if q.quick:
-        q.seeds, q.n_train, q.n_val, q.epochs, q.teacher_epochs = q.seeds[:2], 200, 200, 1, 1
-        q.search_epochs, q.resnet_teacher_epochs = 1, 1
+        q.seeds, q.n_train, q.n_val, q.epoch_ladder, q.eval_every = q.seeds[:2], 200, 200, [1.0, 2.0], 1
+        q.teacher_epochs, q.search_epochs, q.resnet_teacher_epochs = 1, 1, 1
     if not set(q.starts) <= set(STARTS) or q.max_candidate_runs < 1:
         raise ValueError(f"--starts must be among {STARTS} and --max_candidate_runs >= 1")
     # From scratch first (the claim is about the architecture), the residual family before the teacher's-weights runs:
@@ -243,7 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
     settings = [("cnn", r, s) for s in q.starts if s == "scratch" for r in q.budgets] + resnet
     settings += [("cnn", r, s) for s in q.starts if s != "scratch" for r in q.budgets]
     train, val, test, _ = splits(q)
-    print(f"{len(train)} training, {len(val)} validation, {len(test)} held-out digits; {workers} run(s) at a time")
+    print(f"{len(train)} training, {len(val)} validation, {len(test)} held-out digits; {workers} run(s) at a time, "
+          f"1 thread each ({cores} cores, load {load_at_start[0]:.1f}); lengths {q.epoch_ladder} epochs")  # fmt: skip
 
     def log(what: str) -> None:
         print(f"  {what} ({time.time() - started:.0f} s)", flush=True)
@@ -271,34 +349,48 @@ def main(argv: list[str] | None = None) -> dict:
                 for c in searches[(f, r)]["candidates"]
             ))  # fmt: skip
 
-        # 2. Candidate runs on validation, every setting queued at once; then, setting by setting, the choice and
-        #    its finals (uniform, and the searched student unless it is uniform), scored once on the held-out digits.
+        # 2. Candidate runs on validation at every length of the ladder (the longest first: they take longest), every
+        #    setting queued at once; then, setting by setting, the length rule, the choice at that length and its
+        #    finals (uniform, and the searched student unless it is uniform), scored once on the held-out digits.
         cand_futures = {
-            (f, r, s, c["candidate"].name): pool.submit(
-                student_job, q, f, teachers[f]["state"], c, s, q.tune_seed, "val"
+            (f, r, s, c["candidate"].name, length): pool.submit(
+                student_job, q, f, teachers[f]["state"], c, s, q.tune_seed, "val", length
             )
+            for length in reversed(q.epoch_ladder)
             for f, r, s in settings
             for c in searches[(f, r)]["candidates"][: q.max_candidate_runs]
         }
-        chosen, cand_runs, final_futures = {}, {}, {}
+        chosen, cand_runs, final_futures, lengths, cand_curves = {}, {}, {}, {}, {}
         for f, r, s in settings:
+            key = (f, r, s)
             cands = [copy.copy(c["candidate"]) for c in searches[(f, r)]["candidates"]]
-            cand_runs[(f, r, s)] = cands
-            for c in cands[: q.max_candidate_runs]:
-                run = cand_futures[(f, r, s, c.name)].result()
-                c.val_score, c.seconds = run["errors"], run["seconds"]
+            cand_runs[key] = cands
+            runs = {
+                length: {c.name: cand_futures[(*key, c.name, length)].result() for c in cands[: q.max_candidate_runs]}
+                for length in q.epoch_ladder
+            }
+            cand_curves[key] = runs
+            rule = choose_epochs({length: {n: x["errors"] for n, x in rs.items()} for length, rs in runs.items()})
+            epochs = rule["epochs"] if rule["epochs"] is not None else q.epoch_ladder[-1]
+            lengths[key] = {**rule, "epochs_used": epochs, "stated": LENGTH_RULE}
+            for c in cands[: q.max_candidate_runs]:  # scored at the chosen length; the cost is every length's
+                c.val_score = runs[epochs][c.name]["errors"]
+                c.seconds = sum(rs[c.name]["seconds"] for rs in runs.values())
             best = pick_candidate(cands)
-            chosen[(f, r, s)] = best
+            chosen[key] = best
             cost = sum(c.seconds or 0 for c in cands)
             log(f"{f} {r:.0%} {s}: " + "; ".join(
-                f"{c.name} {c.width_list} {c.flops_ratio:.1%} val {c.val_score}" for c in cands
-            ) + f" -> {best.name} (candidate runs {cost:.0f} s)")  # fmt: skip
+                f"{c.name} {c.width_list} {c.flops_ratio:.1%} val "
+                + (" / ".join(str(rs[c.name]["errors"]) for rs in runs.values()) if c.name in runs[epochs] else "-")
+                for c in cands
+            ) + f" at {' / '.join(f'{x:g}' for x in q.epoch_ladder)} epochs -> {best.name} "
+                f"(candidate runs {cost:.0f} s); {length_line(lengths[key])}")  # fmt: skip
             arms = ("uniform",) if best.name == "uniform" else ("uniform", best.name)
             for arm in arms:
                 spec = next(c for c in searches[(f, r)]["candidates"] if c["candidate"].name == arm)
                 for seed in q.seeds:
                     final_futures[(f, r, s, arm, seed)] = pool.submit(
-                        student_job, q, f, teachers[f]["state"], spec, s, seed, "test"
+                        student_job, q, f, teachers[f]["state"], spec, s, seed, "test", epochs
                     )
         report, per_setting = {}, {}
         for f, r, s in settings:
@@ -314,12 +406,18 @@ def main(argv: list[str] | None = None) -> dict:
             stats = paired_summary(ue, me)
             lo, hi = stats["ci"] or (float("nan"), float("nan"))  # one seed: no interval
             cands = cand_runs[key]
-            print(f"\n{label}: teacher {t_flops[f]:,} FLOPs; candidates (validation errors of {len(val)}):")
+            epochs = lengths[key]["epochs_used"]
+            runs = cand_curves[key]
+            ladder = " / ".join(f"{x:g}" for x in q.epoch_ladder)
+            print(f"\n{label}: teacher {t_flops[f]:,} FLOPs; candidates (validation errors of {len(val)} after "
+                  f"{ladder} epochs):")  # fmt: skip
             for c in cands:
                 mark = " <- chosen" if c is chosen[key] else ""
                 narrow = f", narrow: {', '.join(c.narrow_layers)}" if c.narrow_layers else ""
+                vals = " / ".join(str(rs[c.name]["errors"]) for rs in runs.values()) if c.name in runs[epochs] else "-"
                 print(f"    {c.name + ''.join('=' + a for a in c.also):<18} {str(c.width_list):<28} "
-                      f"{c.flops_ratio:6.1%}  val {c.val_score}{narrow}{mark}")  # fmt: skip
+                      f"{c.flops_ratio:6.1%}  val {vals}{narrow}{mark}")  # fmt: skip
+            print(f"    {length_line(lengths[key])}")
             print(f"    uniform  {ue}  {stats['baseline_mean']:.1f} ± {stats['baseline_std']:.1f}")
             print(f"    searched {me}  {stats['method_mean']:.1f} ± {stats['method_std']:.1f}"
                   + ("  (the chosen candidate is uniform: the same runs)" if same else ""))  # fmt: skip
@@ -330,7 +428,9 @@ def main(argv: list[str] | None = None) -> dict:
                 flush=True,
             )
             per_setting[label] = {"test_errors": {"uniform": ue, "searched": me}, "paired": stats,
-                                  "chosen": chosen[key].name}  # fmt: skip
+                                  "chosen": chosen[key].name, "epochs": epochs, "same_runs": same,
+                                  "curves": {"uniform": [x["curve"] for x in u],
+                                             "searched": [x["curve"] for x in m]}}  # fmt: skip
             report[label] = {
                 "family": f,
                 "budget": r,
@@ -341,12 +441,36 @@ def main(argv: list[str] | None = None) -> dict:
                 "chosen_widths": chosen[key].width_list,
                 "uniform_widths": cands[0].width_list,
                 "same_runs": same,
+                "length_rule": lengths[key],
+                "epochs": epochs,
+                "candidate_runs": {
+                    f"{length:g}": {
+                        n: {k: x[k] for k in ("errors", "seconds", "cpu_s", "cpu_s_per_epoch", "curve")}
+                        for n, x in rs.items()
+                    }
+                    for length, rs in runs.items()
+                },
                 "search": {k: v for k, v in searches[(f, r)].items() if k != "candidates"},
                 "test_errors": {"uniform": ue, "searched": me},
                 "run_seconds": {"uniform": [x["seconds"] for x in u], "searched": [x["seconds"] for x in m]},
+                "run_cpu_s": {"uniform": [x["cpu_s"] for x in u], "searched": [x["cpu_s"] for x in m]},
+                "curves": per_setting[label]["curves"],
                 "searched_vs_uniform": stats,
             }
     plot_paired_settings(f"{q.output_dir}/paired.png", q.seeds, per_setting)
+    # The finals' validation curves, every setting in one figure (log y: the settings sit at different levels);
+    # a setting whose searched student is uniform has one set of runs.
+    finals = {
+        f"{label} ({p['epochs']:g} ep): {arm if arm == 'uniform' else 'searched ' + p['chosen']}": p["curves"][arm]
+        for label, p in per_setting.items()
+        for arm in (("uniform",) if p["same_runs"] else ("uniform", "searched"))
+    }
+    plot_curves(
+        f"{q.output_dir}/curves.png",
+        {k: [c["val_errors"] for c in v] for k, v in finals.items()},
+        x={k: [c["epoch"] for c in v] for k, v in finals.items()},
+        title=f"final runs, {len(train)} training digits, {len(q.seeds)} seeds each; length chosen per setting",
+    )
     plot_candidate_widths(
         f"{q.output_dir}/widths.png",
         {
@@ -379,6 +503,10 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "settings": report,
         "seeds": q.seeds,
+        "epoch_ladder": q.epoch_ladder,
+        "length_rule": LENGTH_RULE,
+        "load_average_at_start": list(load_at_start),
+        "load_average_at_end": list(os.getloadavg()),
         "wall_clock_s": time.time() - started,
     }
     print(f"wall-clock {summary['wall_clock_s']:.0f} s, {workers} run(s) at a time")

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from hf_kdsearch.evidence import (
+    LENGTH_RULE,
+    choose_epochs,
     mean_std,
     paired_summary,
     plot_paired,
@@ -117,8 +119,8 @@ def test_write_results_and_plot(tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.slow
-def test_evidence_search_quick_mode_writes_its_results_and_plot(tmp_path, monkeypatch):
+def load_evidence_search(monkeypatch):
+    """recipes/evidence_search.py as a module (recipes/ is not a package; it imports mnist_common from beside it)."""
     import importlib.util
     import os
     import sys
@@ -131,13 +133,38 @@ def test_evidence_search_quick_mode_writes_its_results_and_plot(tmp_path, monkey
     monkeypatch.setitem(sys.modules, "evidence_search", module)  # dataclasses look their module up
     monkeypatch.syspath_prepend(os.path.join(root, "recipes"))
     spec.loader.exec_module(module)
+    return module
+
+
+def test_evidence_search_takes_its_length_from_the_rule_not_from_epochs(monkeypatch):
+    module = load_evidence_search(monkeypatch)
+    with pytest.raises(ValueError, match="give --epoch_ladder, not --epochs"):
+        module.main(["--epochs", "8"])
+    for ladder in (["20", "10"], ["0", "10"], ["10", "10"]):
+        with pytest.raises(ValueError, match="--epoch_ladder"):
+            module.main(["--epoch_ladder", *ladder])
+    # The printed verdict: a length that passed, and the longest with the candidates still improving.
+    passed = {**choose_epochs({10: {"uniform": 300, "box": 290}, 20: {"uniform": 295, "box": 289}}), "epochs_used": 10}
+    assert module.length_line(passed) == (
+        "length: 10 epochs (rule: 20 epochs lowered no candidate's validation errors by more than max(2 errors, 5%))"
+    )
+    failed = {**choose_epochs({10: {"uniform": 300, "box": 290}, 20: {"uniform": 250, "box": 289}}), "epochs_used": 20}
+    assert failed["epochs"] is None
+    assert module.length_line(failed) == (
+        "length: 20 epochs, the longest; still improving by more than max(2 errors, 5%): uniform (300 -> 250)"
+    )
+
+
+@pytest.mark.slow
+def test_evidence_search_quick_mode_writes_its_results_and_plot(tmp_path, monkeypatch):
+    module = load_evidence_search(monkeypatch)
     threads = torch.get_num_threads()
     try:
         module.main(["--quick", "--workers", "1", "--output_dir", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
     out = json.loads((tmp_path / "results.json").read_text())
-    assert out["seeds"] == [0, 1]
+    assert out["seeds"] == [0, 1] and out["epoch_ladder"] == [1, 2]
     labels = ["cnn 25% scratch", "cnn 10% scratch", "resnet 25% scratch", "cnn 25% teacher", "cnn 10% teacher"]
     assert list(out["settings"]) == labels
     for label, s in out["settings"].items():
@@ -145,19 +172,42 @@ def test_evidence_search_quick_mode_writes_its_results_and_plot(tmp_path, monkey
         names = [c["name"] for c in s["candidates"]]
         assert names[0] == "uniform" and set(names) <= {"uniform", "found", "box"}
         assert all(c["flops"] <= budget and isinstance(c["val_score"], int | float) for c in s["candidates"]), label
-        # The chosen candidate has the fewest validation errors, ties going to uniform: never worse than uniform.
-        scores = {c["name"]: c["val_score"] for c in s["candidates"]}
-        assert scores[s["chosen"]] == min(scores.values()) and scores[s["chosen"]] <= scores["uniform"]
-        if scores["uniform"] == min(scores.values()):
+        # The length: the rule's choice on the candidates' validation errors at every length, the longest if none.
+        runs = s["candidate_runs"]
+        assert list(runs) == ["1", "2"] and all(list(r) == names for r in runs.values()), label
+        rule = s["length_rule"]
+        again = choose_epochs({float(n): {c: r["errors"] for c, r in rs.items()} for n, rs in runs.items()})
+        assert (rule["epochs"], rule["converged"]) == (again["epochs"], again["converged"]), label
+        epochs = rule["epochs_used"]
+        assert epochs == (rule["epochs"] if rule["epochs"] is not None else 2) and s["epochs"] == epochs
+        assert rule["stated"] == LENGTH_RULE
+        for length, rs in runs.items():  # one validation point per epoch (--eval_every 1), the last the run's score
+            for r in rs.values():
+                assert r["curve"]["epoch"] == [float(e) for e in range(1, int(length) + 1)], label
+                assert len(r["curve"]["val_errors"]) == len(r["curve"]["cpu_seconds"]) == int(length)
+                assert r["curve"]["val_errors"][-1] == r["errors"]
+        # The candidate: the fewest validation errors at the chosen length, ties to the earlier (uniform first).
+        at_length = {n: r["errors"] for n, r in runs[f"{epochs:g}"].items()}
+        assert {c["name"]: c["val_score"] for c in s["candidates"]} == at_length
+        assert s["chosen"] == min(names, key=lambda n: at_length[n]), label
+        if at_length["uniform"] == min(at_length.values()):
             assert s["chosen"] == "uniform" and s["same_runs"]
         assert s["uniform_widths"] == s["candidates"][0]["widths"]
         chosen = next(c for c in s["candidates"] if c["name"] == s["chosen"])
         assert s["chosen_widths"] == chosen["widths"]
+        # The finals train for the chosen length, each with its validation curve.
+        for arm in ("uniform", "searched"):
+            assert len(s["curves"][arm]) == 2
+            for curve in s["curves"][arm]:
+                assert curve["epoch"] == [float(e) for e in range(1, int(epochs) + 1)], label
+                assert all(0 <= v <= 200 for v in curve["val_errors"])
+        if s["same_runs"]:
+            assert s["curves"]["searched"] == s["curves"]["uniform"]
         errors = s["test_errors"]
         assert len(errors["uniform"]) == len(errors["searched"]) == 2
         assert all(0 <= e <= 2000 for e in errors["uniform"] + errors["searched"])
         assert s["searched_vs_uniform"]["n"] == 2
         assert s["searched_vs_uniform"]["diff"] == pytest.approx((sum(errors["searched"]) - sum(errors["uniform"])) / 2)
     assert len(out["settings"]["resnet 25% scratch"]["uniform_widths"]) == 9  # cifar_resnet20: 9 gated blocks
-    for name in ("paired.png", "widths.png"):
+    for name in ("paired.png", "widths.png", "curves.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
