@@ -60,38 +60,39 @@ import math
 import os
 import sys
 import time
-from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import timm
-import torch
 from mnist_common import (
     EpochClock,
     QuickstartArguments,
     ShiftCollate,
+    equal_cost,  # noqa: F401 (tests read it here)
+    equal_cost_summary,
     executor,
+    final_runs,
+    fmt_ci,
     held_out_errors,
     one_thread,
+    print_equal_cost,
     quiet,
     run_args,
     splits,
-    teacher_run,
+    teacher_for,
+    tune_lengths,
+    verdict,
 )
 from transformers import HfArgumentParser, set_seed
 
 from hf_kdsearch import DistillationTrainer, UncertaintyMixupCallback, count_flops
 from hf_kdsearch.evidence import (
     LENGTH_RULE,
-    choose_epochs,
-    cost_to_reach,
     mean_std,
     paired_summary,
     plot_curves,
     plot_paired,
     strict_json,
-    tune_arms,
-    value_at_cost,
     write_results,
 )
 
@@ -241,41 +242,6 @@ def unix_run(q, arm: str, seed: int, setting: dict, epochs: float, score_on: str
     }
 
 
-def equal_cost(base: dict, run: dict) -> dict:
-    """One seed's equal-cost readings of `run` against its baseline `base` (both final runs, validation curves)."""
-    b, r = base["curve"], run["curve"]
-    target = max(b["val_errors"][-1], r["val_errors"][-1])  # an accuracy both reach
-    return {
-        "arm_final_val": r["val_errors"][-1],
-        "base_final_val": b["val_errors"][-1],
-        "base_val_at_arm_teacher_samples": value_at_cost(b["teacher_samples"], b["val_errors"], run["teacher_samples"]),
-        "base_val_at_arm_cpu_s": value_at_cost(b["cpu_seconds"], b["val_errors"], run["cpu_s"]),
-        "target_val": target,
-        "arm_teacher_samples_to_target": cost_to_reach(r["teacher_samples"], r["val_errors"], target),
-        "base_teacher_samples_to_target": cost_to_reach(b["teacher_samples"], b["val_errors"], target),
-        "arm_cpu_s_to_target": cost_to_reach(r["cpu_seconds"], r["val_errors"], target),
-        "base_cpu_s_to_target": cost_to_reach(b["cpu_seconds"], b["val_errors"], target),
-    }
-
-
-def verdict(name: str, stats: dict, what: str) -> str:
-    ci = stats["ci"]
-    if ci is None:
-        return f"{name}: one seed, no interval ({what})"
-    lo, hi = ci
-    if hi < 0:
-        return f"{name}: fewer errors than its baseline, the interval excludes zero ({what})"
-    if lo > 0:
-        return f"{name}: MORE errors than its baseline, the interval excludes zero ({what})"
-    return f"{name}: no clear difference from its baseline, the interval includes zero ({what})"
-
-
-def fmt_ci(stats: dict) -> str:
-    ci = stats["ci"]
-    where = "no interval" if ci is None else f"95% CI [{ci[0]:+.1f}, {ci[1]:+.1f}]"
-    return f"{stats['diff']:+.1f} ({where}; better on {stats['wins']}/{stats['n']}, {stats['ties']} ties)"
-
-
 def main(argv: list[str] | None = None) -> dict:
     (q,) = HfArgumentParser(UnixEvidenceArguments).parse_args_into_dataclasses(argv)
     started, cpu_started = time.time(), time.process_time()
@@ -324,77 +290,23 @@ def main(argv: list[str] | None = None) -> dict:
         return result
 
     with executor(workers) as pool:
-        if q.teacher_state:
-            teacher = torch.load(q.teacher_state, weights_only=False)
-            check = timm.create_model("mnist_cnn", widths=q.teacher_widths)
-            check.load_state_dict(teacher["state"])
-            if held_out_errors(check, val) != teacher["val"]:
-                raise ValueError(f"{q.teacher_state} does not hold this run's teacher: its validation errors differ")
-        else:
-            teacher = pool.submit(teacher_run, q).result()
-            torch.save(teacher, f"{q.output_dir}/teacher.pt")
+        teacher = teacher_for(q, pool)
         print(
             f"teacher {q.teacher_widths} on {len(teacher_data)} digits: {teacher['val']} validation errors "
             f"({time.time() - started:.0f} s)",
             flush=True,
         )
-        # Tuning: every setting at every length, for every arm (longest first: they take longest).
-        # A tuning seed that is also a final seed (`--tune_seed 0`) saves a run per arm: the tuning run of the chosen
-        # setting and length is that seed's final run. Its held-out errors stay sealed until the choice is made.
-        score = {arm: "val+test" if q.tune_seed in q.arm_seeds(arm) else "val" for arm in q.arms}
-        tune = {
-            (length, arm, i): pool.submit(unix_run, q, arm, q.tune_seed, s, length, score[arm], teacher, flops)
-            for length in reversed(q.epoch_ladder)
-            for arm in q.arms
-            for i, s in enumerate(grid)
-        }
-        sealed = {}
-        tuned = {}
-        for length in q.epoch_ladder:
 
-            def trial(arm: str, setting: dict, length=length) -> dict:
-                key = (length, arm, grid.index(setting))
-                row = dict(done(f"tune {length:g} ep {arm:<10} {setting}", tune[key].result()))
-                if "held_out" in row:
-                    sealed[key] = (row.pop("held_out"), dict(row))
-                keep("tune", arm, q.tune_seed, {"epochs": length, "setting": setting}, row)
-                return {k: row[k] for k in ("val", "curve", "cpu_s", "train_s", "teacher_samples", "train_loss")}
+        # Tuning: every setting at every length, for every arm; the length rule; each arm's best setting there.
+        def submit(arm, seed, setting, length, score_on):
+            return pool.submit(unix_run, q, arm, seed, setting, length, score_on, teacher, flops)
 
-            tuned[length] = tune_arms({arm: grid for arm in q.arms}, trial)
-        length_rule = choose_epochs(
-            {length: {arm: t["best_val"] for arm, t in tuned[length].items()} for length in q.epoch_ladder}
-        )
-        epochs = length_rule["epochs"] if length_rule["epochs"] is not None else q.epoch_ladder[-1]
-        chosen = {arm: tuned[epochs][arm]["best"] for arm in q.arms}
-        vals = " / ".join(f"{length:g}" for length in q.epoch_ladder)
-        shown = "; ".join(
-            f"{arm} " + " / ".join(f"{tuned[length][arm]['best_val']:g}" for length in q.epoch_ladder) for arm in q.arms
-        )
-        if length_rule["epochs"] is not None:
-            print(
-                f"length rule: {epochs:g} epochs are long enough for every arm (validation errors at {vals}: {shown})"
-            )
-        else:
-            improving = [arm for arm, ok in length_rule["converged"].items() if ok is False]
-            print(
-                f"length rule: no length of {q.epoch_ladder} shown long enough; {epochs:g} used. Still improving at "
-                f"the last step: {', '.join(improving) or 'none checked'} (validation errors at {vals}: {shown})"
-            )
+        final_seeds = {arm: q.arm_seeds(arm) for arm in q.arms}
+        tuning = tune_lengths(q, q.arms, grid, final_seeds, submit, done, keep)
+        tuned, length_rule, epochs, chosen = (tuning[k] for k in ("tuned", "length_rule", "epochs", "chosen"))
 
         # Arm after arm, in --arms order: a run cut short keeps complete, paired arms (its runs.jsonl).
-        finals = {}
-        for arm in q.arms:
-            for seed in q.arm_seeds(arm):
-                key = (epochs, arm, grid.index(chosen[arm]))
-                if seed == q.tune_seed and key in sealed:  # this seed's final run is the chosen tuning run
-                    held_out, row = sealed[key]
-                    finals[arm, seed] = Future()
-                    finals[arm, seed].set_result({**row, "errors": held_out, "reused_tuning_run": True})
-                else:
-                    finals[arm, seed] = pool.submit(unix_run, q, arm, seed, chosen[arm], epochs, "test", teacher, flops)
-        runs = {arm: [] for arm in q.arms}
-        for (arm, s), future in finals.items():  # in submission order, each kept as soon as it is done
-            runs[arm].append(keep("final", arm, s, {"epochs": epochs}, done(f"seed {s} {arm}", future.result())))
+        runs = final_runs(q, tuning, grid, final_seeds, submit, done, keep)
     progress.close()
     seconds = time.time() - started
     load_at_end = os.getloadavg()
@@ -426,15 +338,9 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         n = len(rows)
         paired[arm] = paired_summary(test_errors[base][:n], test_errors[arm])
-        readings = [equal_cost(b, r) for b, r in zip(runs[base][:n], rows)]
-        arm_final = [x["arm_final_val"] for x in readings]
-        by_forwards = [x["base_val_at_arm_teacher_samples"] for x in readings]
-        by_cpu = [x["base_val_at_arm_cpu_s"] for x in readings]
         at_cost[arm] = {
             "baseline": base,
-            "per_seed": readings,
-            "vs_base_at_equal_teacher_samples": None if None in by_forwards else paired_summary(by_forwards, arm_final),
-            "vs_base_at_equal_cpu_s": None if None in by_cpu else paired_summary(by_cpu, arm_final),
+            **equal_cost_summary(runs[base][:n], rows),
             "cpu_s_ratio": per_arm[arm]["cpu_s"] / per_arm[base]["cpu_s"],
             "teacher_samples_ratio": per_arm[arm]["teacher_samples"] / per_arm[base]["teacher_samples"],
         }
@@ -467,25 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
     for arm, stats in paired.items():
         c = at_cost[arm]
         print(f"{arm} - {c['baseline']}, held-out, equal epochs: {fmt_ci(stats)}")
-        for key, label in (
-            ("vs_base_at_equal_teacher_samples", "teacher samples"),
-            ("vs_base_at_equal_cpu_s", "CPU s"),
-        ):
-            s = c[key]
-            print(f"    validation, at equal {label}: " + ("baseline curve too short" if s is None else fmt_ci(s)))
-        reach = [
-            (
-                x["arm_teacher_samples_to_target"] / x["base_teacher_samples_to_target"],
-                x["arm_cpu_s_to_target"] / x["base_cpu_s_to_target"],
-            )
-            for x in c["per_seed"]
-        ]
-        print(
-            "    cost to the worse final validation errors of the pair, arm / baseline, per seed: teacher samples "
-            + ", ".join(f"{f:.2f}" for f, _ in reach)
-            + "; CPU s "
-            + ", ".join(f"{t:.2f}" for _, t in reach)
-        )
+        print_equal_cost(c)
     for v in verdicts.values():
         print(f"verdict: {v}")
     print(

@@ -4,6 +4,9 @@
   (`QuickstartArguments`), its splits, its conv teacher (`teacher_run`), the Trainer settings of every student run
   (`run_args`), the one-thread process pool the runs go to (`executor`, `one_thread`), the shifted-view collate
   (`ShiftCollate`) and the held-out error count.
+- The evidence recipes' protocol: the teacher (`teacher_for`), the length rule and tuning over `--epoch_ladder`
+  (`tune_lengths`), the final paired runs (`final_runs`), the validation curve of a run (`EpochClock`) and the
+  equal-cost readings against a baseline (`equal_cost`, `equal_cost_summary`, `print_equal_cost`, `verdict`).
 - The MLP set-up of `mnist_search.py` and `mnist_unix.py`: one teacher, an MLP 784-512-512-10 with dropout 0.3,
   AdamW at lr 1e-3, 10 epochs, seed 0 (the teacher of the optimiser measurement in docs/methods.md), and the Trainer
   settings of their runs (`mnist_args`).
@@ -255,3 +258,172 @@ class EpochClock(TrainerCallback):
             self.curve["teacher_samples"].append(self.teacher_samples() if self.teacher_samples else None)
             self.curve["val_errors"].append(errors)
         self._since, self._cpu_since = time.perf_counter(), time.process_time()
+
+
+# ---- the evidence recipes' protocol: length rule, tuning, final runs, equal-cost readings ---------------------------
+
+
+def teacher_for(q, pool) -> dict:
+    """The teacher of the run: read from `q.teacher_state` (a teacher.pt of an earlier run with the same data and
+    teacher arguments; its validation errors are checked), else trained by `teacher_run` in `pool` and saved to
+    `<q.output_dir>/teacher.pt`."""
+    _, val, _, _ = splits(q)
+    if q.teacher_state:
+        teacher = torch.load(q.teacher_state, weights_only=False)
+        check = timm.create_model("mnist_cnn", widths=q.teacher_widths)
+        check.load_state_dict(teacher["state"])
+        if held_out_errors(check, val) != teacher["val"]:
+            raise ValueError(f"{q.teacher_state} does not hold this run's teacher: its validation errors differ")
+        return teacher
+    teacher = pool.submit(teacher_run, q).result()
+    torch.save(teacher, f"{q.output_dir}/teacher.pt")
+    return teacher
+
+
+def tune_lengths(q, arms: list[str], grid: list[dict], final_seeds: dict, submit, done, keep) -> dict:
+    """Every setting of `grid` at every length of `q.epoch_ladder`, for every arm, on validation (seed `q.tune_seed`);
+    the length chosen by `choose_epochs`, and each arm's best setting at that length.
+
+    `submit(arm, seed, setting, epochs, score_on)` starts one run and returns its future; `done(what, result)` prints
+    a finished run and `keep(kind, arm, seed, extra, result)` writes it down. The runs go in longest first (they take
+    longest). A tuning seed that is also one of an arm's `final_seeds` saves a run per arm: the tuning run of the
+    chosen setting and length is that seed's final run, scored `"val+test"`, its held-out errors sealed (in
+    `sealed[(length, arm, setting index)]`) until the choice is made. Returns `tuned` (per length, `tune_arms`'s
+    record), `length_rule`, `epochs` (the length used), `chosen` (per arm) and `sealed`."""
+    score = {arm: "val+test" if q.tune_seed in final_seeds[arm] else "val" for arm in arms}
+    tune = {
+        (length, arm, i): submit(arm, q.tune_seed, s, length, score[arm])
+        for length in reversed(q.epoch_ladder)
+        for arm in arms
+        for i, s in enumerate(grid)
+    }
+    sealed, tuned = {}, {}
+    for length in q.epoch_ladder:
+
+        def trial(arm: str, setting: dict, length=length) -> dict:
+            key = (length, arm, grid.index(setting))
+            row = dict(done(f"tune {length:g} ep {arm:<10} {setting}", tune[key].result()))
+            if "held_out" in row:
+                sealed[key] = (row.pop("held_out"), dict(row))
+            keep("tune", arm, q.tune_seed, {"epochs": length, "setting": setting}, row)
+            return {k: row[k] for k in ("val", "curve", "cpu_s", "train_s", "teacher_samples", "train_loss")}
+
+        tuned[length] = evidence.tune_arms({arm: grid for arm in arms}, trial)
+    length_rule = evidence.choose_epochs(
+        {length: {arm: t["best_val"] for arm, t in tuned[length].items()} for length in q.epoch_ladder}
+    )
+    epochs = length_rule["epochs"] if length_rule["epochs"] is not None else q.epoch_ladder[-1]
+    chosen = {arm: tuned[epochs][arm]["best"] for arm in arms}
+    vals = " / ".join(f"{length:g}" for length in q.epoch_ladder)
+    shown = "; ".join(
+        f"{arm} " + " / ".join(f"{tuned[length][arm]['best_val']:g}" for length in q.epoch_ladder) for arm in arms
+    )
+    if length_rule["epochs"] is not None:
+        print(f"length rule: {epochs:g} epochs are long enough for every arm (validation errors at {vals}: {shown})")
+    else:
+        improving = [arm for arm, ok in length_rule["converged"].items() if ok is False]
+        print(
+            f"length rule: no length of {q.epoch_ladder} shown long enough; {epochs:g} used. Still improving at "
+            f"the last step: {', '.join(improving) or 'none checked'} (validation errors at {vals}: {shown})"
+        )
+    return {"tuned": tuned, "length_rule": length_rule, "epochs": epochs, "chosen": chosen, "sealed": sealed}
+
+
+def final_runs(q, tuning: dict, grid: list[dict], final_seeds: dict, submit, done, keep) -> dict:
+    """The final runs at the chosen length and settings (`tune_lengths`'s record), arm after arm, each scored on the
+    held-out digits and kept as soon as it is done (a run cut short keeps complete arms); the tuning seed's final run
+    is its sealed tuning run where there is one. Returns the rows per arm, in seed order."""
+    epochs, chosen, sealed = tuning["epochs"], tuning["chosen"], tuning["sealed"]
+    finals = {}
+    for arm, seeds in final_seeds.items():
+        for seed in seeds:
+            key = (epochs, arm, grid.index(chosen[arm]))
+            if seed == q.tune_seed and key in sealed:  # this seed's final run is the chosen tuning run
+                held_out, row = sealed[key]
+                finals[arm, seed] = Future()
+                finals[arm, seed].set_result({**row, "errors": held_out, "reused_tuning_run": True})
+            else:
+                finals[arm, seed] = submit(arm, seed, chosen[arm], epochs, "test")
+    runs = {arm: [] for arm in final_seeds}
+    for (arm, s), future in finals.items():  # in submission order, each kept as soon as it is done
+        runs[arm].append(keep("final", arm, s, {"epochs": epochs}, done(f"seed {s} {arm}", future.result())))
+    return runs
+
+
+def equal_cost(base: dict, run: dict) -> dict:
+    """One seed's equal-cost readings of `run` against its baseline `base` (both final runs, validation curves; the
+    whole run's cost in `teacher_samples` and `cpu_s`, its curve's cost axes in `curve`)."""
+    b, r = base["curve"], run["curve"]
+    target = max(b["val_errors"][-1], r["val_errors"][-1])  # an accuracy both reach
+    return {
+        "arm_final_val": r["val_errors"][-1],
+        "base_final_val": b["val_errors"][-1],
+        "base_val_at_arm_teacher_samples": evidence.value_at_cost(
+            b["teacher_samples"], b["val_errors"], run["teacher_samples"]
+        ),
+        "base_val_at_arm_cpu_s": evidence.value_at_cost(b["cpu_seconds"], b["val_errors"], run["cpu_s"]),
+        "target_val": target,
+        "arm_teacher_samples_to_target": evidence.cost_to_reach(r["teacher_samples"], r["val_errors"], target),
+        "base_teacher_samples_to_target": evidence.cost_to_reach(b["teacher_samples"], b["val_errors"], target),
+        "arm_cpu_s_to_target": evidence.cost_to_reach(r["cpu_seconds"], r["val_errors"], target),
+        "base_cpu_s_to_target": evidence.cost_to_reach(b["cpu_seconds"], b["val_errors"], target),
+    }
+
+
+def equal_cost_summary(base_rows: list[dict], rows: list[dict]) -> dict:
+    """`equal_cost` per seed, and the paired summaries of the arm's final validation errors against the baseline's
+    at the arm's teacher samples and CPU seconds (None where the baseline's curve does not reach that low a cost)."""
+    readings = [equal_cost(b, r) for b, r in zip(base_rows, rows)]
+    arm_final = [x["arm_final_val"] for x in readings]
+    by_forwards = [x["base_val_at_arm_teacher_samples"] for x in readings]
+    by_cpu = [x["base_val_at_arm_cpu_s"] for x in readings]
+    return {
+        "per_seed": readings,
+        "vs_base_at_equal_teacher_samples": None
+        if None in by_forwards
+        else evidence.paired_summary(by_forwards, arm_final),
+        "vs_base_at_equal_cpu_s": None if None in by_cpu else evidence.paired_summary(by_cpu, arm_final),
+    }
+
+
+def verdict(name: str, stats: dict, what: str) -> str:
+    """One line on a paired difference (method - baseline): which way its 95% interval lies."""
+    ci = stats["ci"]
+    if ci is None:
+        return f"{name}: one seed, no interval ({what})"
+    lo, hi = ci
+    if hi < 0:
+        return f"{name}: fewer errors than its baseline, the interval excludes zero ({what})"
+    if lo > 0:
+        return f"{name}: MORE errors than its baseline, the interval excludes zero ({what})"
+    return f"{name}: no clear difference from its baseline, the interval includes zero ({what})"
+
+
+def fmt_ci(stats: dict) -> str:
+    ci = stats["ci"]
+    where = "no interval" if ci is None else f"95% CI [{ci[0]:+.1f}, {ci[1]:+.1f}]"
+    return f"{stats['diff']:+.1f} ({where}; better on {stats['wins']}/{stats['n']}, {stats['ties']} ties)"
+
+
+def print_equal_cost(readings: dict) -> None:
+    """The equal-cost lines of one arm (`equal_cost_summary`'s record) under its held-out line."""
+    for key, label in (("vs_base_at_equal_teacher_samples", "teacher samples"), ("vs_base_at_equal_cpu_s", "CPU s")):
+        s = readings[key]
+        print(f"    validation, at equal {label}: " + ("baseline curve too short" if s is None else fmt_ci(s)))
+
+    def ratio(a, b):
+        return "never" if a is None or b is None else f"{a / b:.2f}"
+
+    reach = [
+        (
+            ratio(x["arm_teacher_samples_to_target"], x["base_teacher_samples_to_target"]),
+            ratio(x["arm_cpu_s_to_target"], x["base_cpu_s_to_target"]),
+        )
+        for x in readings["per_seed"]
+    ]
+    print(
+        "    cost to the worse final validation errors of the pair, arm / baseline, per seed: teacher samples "
+        + ", ".join(f for f, _ in reach)
+        + "; CPU s "
+        + ", ".join(t for _, t in reach)
+    )
