@@ -50,7 +50,9 @@ under `--output_dir`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -222,7 +224,11 @@ def cache_run(q, arm: str, seed: int, setting: dict, epochs: float, score_on: st
     cache, build = None, {"teacher_samples": 0, "cpu_s": 0.0, "seconds": 0.0, "teacher_accuracy": None}
     if views is not None:
         wall, cpu = time.perf_counter(), time.process_time()
-        cache = TeacherCache.build(model, digits, args, num_views=views, top_k=None, student=student)
+        with contextlib.redirect_stderr(io.StringIO()) as err:  # no progress bar per build in the log
+            cache = TeacherCache.build(model, digits, args, num_views=views, top_k=None, student=student)
+        said = [line for line in err.getvalue().replace("\r", "\n").splitlines() if line.strip()]
+        if kept := [line for line in said if not line.startswith("teacher cache:")]:  # warnings, errors
+            print("\n".join(kept), file=sys.stderr)
         build = {
             "teacher_samples": ran_on[0],
             "cpu_s": time.process_time() - cpu,
@@ -284,8 +290,6 @@ def main(argv: list[str] | None = None) -> dict:
     load_at_start = os.getloadavg()
     cores = len(os.sched_getaffinity(0))
     workers = q.workers or min(2, cores)
-    # No progress bar per cache build in the worker processes (tqdm reads it at import; `--workers 1` shows them).
-    os.environ.setdefault("TQDM_DISABLE", "1")
     one_thread()  # every run uses one thread, so its numbers do not depend on the machine's core count
     if q.quick:
         q.seeds, q.teacher_epochs, q.n_train, q.n_val, q.epoch_ladder, q.eval_every = (
