@@ -30,7 +30,8 @@ protocol of `hf_kdsearch.evidence`:
 5. final runs: paired seeds (`--seeds`), scored once on the held-out digits. Seed s gives every arm the same initial
    student (its SHA-256 is recorded and compared) and the same batch order (a checksum of the indices served,
    compared too). The views cannot all match: online draws fresh ones at every step from the Trainer's generator,
-   the cache replays R drawn once from the seed.
+   the cache replays R drawn once from the seed. With `--tune_seed` one of `--seeds` (the default, 0), the tuning
+   run of the chosen setting and length is that seed's final run, its held-out errors sealed until the choice.
 
 Measured per run, after every `--eval_every` epochs: validation errors, the cumulative teacher samples (a forward
 hook on the teacher module, whoever calls it), the run's training CPU seconds (one torch thread; other jobs do not
