@@ -68,7 +68,6 @@ from mnist_common import (
     EpochClock,
     QuickstartArguments,
     ShiftCollate,
-    equal_cost,  # noqa: F401 (tests read it here)
     equal_cost_summary,
     executor,
     final_runs,
