@@ -74,6 +74,7 @@ from mnist_common import (
     fmt_ci,
     held_out_errors,
     one_thread,
+    plot_cost_curves,
     print_equal_cost,
     quiet,
     run_args,
@@ -89,7 +90,6 @@ from hf_kdsearch.evidence import (
     LENGTH_RULE,
     mean_std,
     paired_summary,
-    plot_curves,
     plot_paired,
     strict_json,
     write_results,
@@ -432,26 +432,12 @@ def main(argv: list[str] | None = None) -> dict:
         title=f"held-out errors after {epochs:g} epochs, {len(train)} training digits",
     )
     head = f"{len(train)} training digits, final runs, {epochs:g} epochs; 1 thread per run"
-    curves = {arm: [r["curve"]["val_errors"] for r in rows] for arm, rows in runs.items()}
-    plot_curves(
-        f"{q.output_dir}/curves.png",
-        curves,
-        x={arm: [r["curve"]["epoch"] for r in rows] for arm, rows in runs.items()},
-        title=head,
-    )
-    plot_curves(
-        f"{q.output_dir}/cpu_to_accuracy.png",
-        curves,
-        x={arm: [r["curve"]["cpu_seconds"] for r in rows] for arm, rows in runs.items()},
-        xlabel="training CPU seconds of the run's process (evaluation excluded)",
-        title=head,
-    )
-    plot_curves(
-        f"{q.output_dir}/forwards_to_accuracy.png",
-        curves,
-        x={arm: [r["curve"]["teacher_samples"] for r in rows] for arm, rows in runs.items()},
-        xlabel="samples the teacher ran on (forward hook)",
-        title=head,
+    plot_cost_curves(
+        q.output_dir,
+        runs,
+        head,
+        cpu_label="training CPU seconds of the run's process (evaluation excluded)",
+        forwards_label="samples the teacher ran on (forward hook)",
     )
     return write_results(
         f"{q.output_dir}/results.json",

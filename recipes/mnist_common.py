@@ -25,7 +25,7 @@ from transformers import PrinterCallback, TrainerCallback, set_seed
 
 from hf_kdsearch import ClassificationTrainer, DistillationArguments, evidence
 from hf_kdsearch.data import TensorImageDataset, collate_tensor_batch
-from hf_kdsearch.evidence import protocol_split
+from hf_kdsearch.evidence import plot_curves, protocol_split
 
 
 def mnist_args(out: str, seed: int, epochs: float, **overrides) -> DistillationArguments:
@@ -427,3 +427,16 @@ def print_equal_cost(readings: dict) -> None:
         + "; CPU s "
         + ", ".join(t for _, t in reach)
     )
+
+
+def plot_cost_curves(output_dir: str, runs: dict, title: str, *, cpu_label: str, forwards_label: str) -> None:
+    """The final runs' validation curves against the epoch, the CPU seconds and the teacher's samples
+    (`curves.png`, `cpu_to_accuracy.png`, `forwards_to_accuracy.png`); `runs[arm]` holds each run's `curve`."""
+    curves = {arm: [r["curve"]["val_errors"] for r in rows] for arm, rows in runs.items()}
+    for name, key, xlabel in (
+        ("curves", "epoch", "epoch"),
+        ("cpu_to_accuracy", "cpu_seconds", cpu_label),
+        ("forwards_to_accuracy", "teacher_samples", forwards_label),
+    ):
+        x = {arm: [r["curve"][key] for r in rows] for arm, rows in runs.items()}
+        plot_curves(f"{output_dir}/{name}.png", curves, x=x, xlabel=xlabel, title=title)
