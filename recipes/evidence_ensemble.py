@@ -1,6 +1,6 @@
 """Online ensemble compression, measured: is each student better trained inside the ensemble than trained alone?
 
-    python recipes/evidence_ensemble.py            # the full run: 13 minutes on 2 idle CPU cores
+    python recipes/evidence_ensemble.py            # the full run: about 80 minutes on 2 idle CPU cores
     python recipes/evidence_ensemble.py --quick    # a smoke run of the same pipeline, in about 20 seconds
 
 The claim (Walawalkar, Shen & Savvides, ECCV 2020, https://arxiv.org/abs/2011.07449): students of several widths
@@ -23,17 +23,19 @@ Design:
    The schedule is the shape of the authors' released CIFAR-100 configs: Adam with coupled L2 weight decay 1e-5
    (`torch.optim.Adam` through `hf_kdsearch.ensemble.adam_l2`; none on biases and norm layers, the Trainer's
    grouping), batch 128, lr x0.1 at 57 % and 86 % of the steps (their epochs 200 and 300 of 350), no gradient
-   clipping. 50 epochs: 800 steps.
+   clipping. 50 epochs are 800 steps.
 4. Tuning, the same budget per arm: three Adam learning rates, {1e-3, 1e-2, 3e-2}, one validation run each (seed
    100). The authors' 1e-3 suits their ~137,000 steps, not 800: in 40-epoch probes it left every student far from
    converged (the 1,578-parameter student of a narrower ensemble at 393 validation errors alone, against 88 at 1e-2);
    it stays in the grid so that the authors' setting is tried, and validation decides. The ensemble's setting is
    shared by its students and chosen by the sum of their validation errors; each student alone picks its own (a
-   freedom its ensemble twin does not have: where in doubt, the baseline gains). Validation errors are recorded after
-   every epoch of the tuning runs (`curves.png`). Every curve flattens after the first decay, which says nothing
-   about convergence under a decaying learning rate; `--check_length` runs every arm's chosen setting for twice the
-   epochs on validation and prints the verdict of the protocol's length rule
-   (`hf_kdsearch.evidence.length_converged`) per student (docs/ensemble.md has the measured verdicts).
+   freedom its ensemble twin does not have: where in doubt, the baseline gains).
+   The length is tuned too, with the same budget for both arms: the grid is run at every length of `--epoch_ladder`
+   (default 50 and 100 epochs), validation errors recorded after every epoch. `hf_kdsearch.evidence.choose_epochs`
+   then picks the shortest length at which the next one lowers no student's validation errors (inside the ensemble,
+   at the ensemble's chosen setting, and alone) by more than max(2, 5 %); if none passes, the longest is used and the
+   students still improving are named. Both arms' final runs use that one length (a flat tail of one curve proves
+   nothing under a decaying learning rate: every curve flattens after the first decay).
 5. Five paired seeds (0-4): seed s fixes the ensemble's initial weights (and so each alone student's), the batch
    order and the shifts; the recipe checks that both arms saw the same batches (`ShiftCollate.digest`) and started
    from the same weights.
@@ -42,11 +44,10 @@ Every training run uses one torch thread, in up to `--workers` processes side by
 the errors do not depend on the machine's core count. It prints, per student, the held-out errors alone and in the
 ensemble (mean ± std), the paired difference with a 95 % t-interval, the sign test and wins out of 5, and the
 ensemble's own errors (the mean of its students' logits); it writes `results.json`, `paired.png` (one panel per
-student, a line per seed) and `curves.png` (validation errors per epoch of the tuning runs) under `--output_dir`.
+student, a line per seed) and `curves.png` (validation errors per epoch of the chosen tuning run at every length)
+under `--output_dir`.
 
-Measured (torch 2.14.1, transformers 5.25.0, idle 2-core machine, 13 min), held-out errors of 2,000, alone against
-in the ensemble, seeds 0-4: S0 40.6 ± 5.9 / 36.2 ± 4.1, S1 47.8 ± 4.9 / 42.8 ± 4.8, S2 55.6 ± 4.0 / 52.0 ± 4.3 (every
-interval includes zero), S3 73.4 ± 9.2 / 86.6 ± 4.7 (worse on 5 of 5); docs/ensemble.md has the table and plots.
+docs/ensemble.md has the measured table, the length the rule chose and the plots.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ from hf_kdsearch import (
 from hf_kdsearch.ensemble import adam_l2
 from hf_kdsearch.evidence import (
     LENGTH_RULE,
-    length_converged,
+    choose_epochs,
     paired_summary,
     protocol_split,
     pyplot,
@@ -82,6 +83,11 @@ from hf_kdsearch.evidence import (
     tune_arms,
     write_results,
 )
+
+#: Lengths every arm is tuned at (see --epoch_ladder). At 50 epochs an ensemble run costs about 270 CPU seconds and
+#: its four students alone about 250 together; the whole run (tuning at both lengths, finals at 100): about 80 minutes
+#: on 2 idle cores.
+EPOCH_LADDER = (50, 100)
 
 
 @dataclass
@@ -100,7 +106,14 @@ class EnsembleEvidenceArguments:
         default_factory=lambda: [12, 24, 48], metadata={"help": "Stage widths of the widest student (C)."}
     )
     stem_width: int = field(default=12, metadata={"help": "Width of the shared stem."})
-    epochs: float = field(default=50, metadata={"help": "Epochs of every run, both arms, tuning and final."})
+    epochs: float = field(default=0, metadata={"help": "Not used here: the lengths come from --epoch_ladder."})
+    epoch_ladder: list[float] = field(
+        default_factory=lambda: list(EPOCH_LADDER),
+        metadata={
+            "help": "Lengths (epochs, rising) every arm is tuned at on validation; the length rule "
+            "(hf_kdsearch.evidence.choose_epochs) picks one for both arms' final runs, or the longest."
+        },
+    )
     batch_size: int = field(default=128, metadata={"help": "Batch size (authors: 128)."})
     learning_rates: list[float] = field(
         default_factory=lambda: [1e-3, 1e-2, 3e-2],
@@ -124,15 +137,15 @@ class EnsembleEvidenceArguments:
     )
     quick: bool = field(
         default=False,
-        metadata={"help": "Smoke run: 300 + 200 digits, 2 seeds, 1 learning rate, 1 epoch."},
+        metadata={"help": "Smoke run: 300 + 200 digits, 2 seeds, 1 learning rate, ladder 1, 2 epochs."},
     )
-    check_length: bool = field(
-        default=False,
-        metadata={
-            "help": "Also train each arm's chosen setting for twice the epochs on validation and say whether the "
-            "length is converged (hf_kdsearch.evidence.length_converged); 1 + num_students more runs."
-        },
-    )
+
+    def __post_init__(self):
+        if self.epochs:
+            raise ValueError("evidence_ensemble.py chooses its length by a rule: give --epoch_ladder, not --epochs")
+        ladder = self.epoch_ladder
+        if not ladder or sorted(ladder) != ladder or min(ladder) <= 0 or len(set(ladder)) != len(ladder):
+            raise ValueError(f"--epoch_ladder must be distinct positive lengths in rising order; got {ladder}")
 
 
 # ---- the runs: each is a function of its arguments alone, so it gives the same numbers in any process ------------
@@ -164,15 +177,15 @@ def run_args(
     out: str,
     seed: int,
     learning_rate: float,
+    epochs: float,
     cls=DistillationArguments,
-    epochs: float | None = None,
 ):
     """Trainer settings of every run: the authors' Adam (see `train`), no clipping, nothing saved, quiet; `epochs`
-    (default `q.epochs`) long, the decays at the same fractions of it."""
+    long, the decays at the same fractions of it."""
     return cls(
         output_dir=out,
         seed=seed,
-        num_train_epochs=epochs or q.epochs,
+        num_train_epochs=epochs,
         per_device_train_batch_size=q.batch_size,
         learning_rate=learning_rate,
         weight_decay=q.weight_decay,
@@ -240,7 +253,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def ensemble_run(q: EnsembleEvidenceArguments, seed: int, setting: dict, score_on: str, epochs=None) -> dict:
+def ensemble_run(q: EnsembleEvidenceArguments, seed: int, setting: dict, score_on: str, epochs: float) -> dict:
     """One ensemble trained on the training digits; its students' errors on `score_on` ("val" or "test")."""
     train_set, val, test = splits(q)
     ens = make_ensemble(q, seed)
@@ -248,7 +261,7 @@ def ensemble_run(q: EnsembleEvidenceArguments, seed: int, setting: dict, score_o
     collate = ShiftCollate(seed, q.max_shift)
     curve = ErrorCurve(lambda m: ensemble_errors(m, val)) if score_on == "val" else None
     lr = setting["learning_rate"]
-    args = run_args(q, f"{q.output_dir}/ensemble-{seed}", seed, lr, OnlineEnsembleArguments, epochs)
+    args = run_args(q, f"{q.output_dir}/ensemble-{seed}", seed, lr, epochs, OnlineEnsembleArguments)
     train(OnlineEnsembleTrainer, q, args, curve, model=ens, train_dataset=train_set, data_collator=collate)
     result = ensemble_errors(ens, val if score_on == "val" else test)
     return {
@@ -262,14 +275,14 @@ def ensemble_run(q: EnsembleEvidenceArguments, seed: int, setting: dict, score_o
     }
 
 
-def alone_run(q: EnsembleEvidenceArguments, seed: int, j: int, setting: dict, score_on: str, epochs=None) -> dict:
+def alone_run(q: EnsembleEvidenceArguments, seed: int, j: int, setting: dict, score_on: str, epochs: float) -> dict:
     """Student j trained alone (cross-entropy) from its ensemble twin's initial weights, same seed."""
     train_set, val, test = splits(q)
     student = make_ensemble(q, seed).export_student(j).train()
     initial = weights_digest(student)
     collate = ShiftCollate(seed, q.max_shift)
     curve = ErrorCurve(lambda m: student_errors(m, val)) if score_on == "val" else None
-    args = run_args(q, f"{q.output_dir}/alone{j}-{seed}", seed, setting["learning_rate"], epochs=epochs)
+    args = run_args(q, f"{q.output_dir}/alone{j}-{seed}", seed, setting["learning_rate"], epochs)
     train(ClassificationTrainer, q, args, curve, model=student, train_dataset=train_set, data_collator=collate)
     return {
         "errors": student_errors(student, val if score_on == "val" else test),
@@ -288,7 +301,8 @@ def check_paired(seed: int, ens: dict, alone: list[dict]) -> None:
 
 
 def print_convergence(q: EnsembleEvidenceArguments, tuned: dict, tune_runs: dict, grid: list[dict]) -> None:
-    """Each chosen tuning run's validation errors at the two decays and at the end: flat means converged."""
+    """Each chosen tuning run's validation errors at the two decays and at the end (for the eye: the length rule
+    decides)."""
     epochs = len(tune_runs["ensemble"][0]["curve"])
     marks = [max(1, int(m * epochs)) for m in q.lr_decay_at] + [epochs]
     print(f"validation errors at epochs {' / '.join(map(str, marks))} (the decays, the end), chosen settings:")
@@ -301,6 +315,34 @@ def print_convergence(q: EnsembleEvidenceArguments, tuned: dict, tune_runs: dict
         else:
             shown = " / ".join(str(curve[m - 1]) for m in marks)
         print(f"  {arm:<14} lr {best['learning_rate']:g}: {shown}", flush=True)
+
+
+def length_values(tuned: dict, tune_runs: dict, grid: list[dict], num_students: int) -> dict:
+    """What the length rule compares at one length: each student's validation errors inside the ensemble (the
+    ensemble's chosen setting) and alone (its own chosen setting)."""
+    ens = tune_runs["ensemble"][grid.index(tuned["ensemble"]["best"])]["errors"]
+    return {
+        **{f"ensemble_S{j}": ens[j] for j in range(num_students)},
+        **{f"alone_S{j}": tuned[f"alone_student{j}"]["best_val"] for j in range(num_students)},
+    }
+
+
+def length_line(rule: dict, epochs: float, val: dict) -> str:
+    """`length rule: ...` with each student's validation errors along the ladder."""
+    lengths = list(val)
+    shown = "; ".join(
+        f"{name} " + " / ".join(f"{val[length][name]:g}" for length in lengths) for name in val[lengths[0]]
+    )
+    tol = f"max({LENGTH_RULE['abs_tol']:g}, {LENGTH_RULE['rel_tol']:.0%})"
+    at = " / ".join(f"{length:g}" for length in lengths)
+    if rule["epochs"] is not None:
+        return f"length rule: {epochs:g} epochs long enough for every student, in and out (improvement <= {tol}); " \
+               f"validation errors at {at}: {shown}"  # fmt: skip
+    if len(lengths) == 1:
+        return f"length: {epochs:g} epochs, the only length of the ladder (no rule applied); validation errors {shown}"
+    improving = [name for name, ok in rule["converged"].items() if ok is False]
+    return f"length rule: no length of the ladder long enough; {epochs:g} used. Still improving by more than {tol} " \
+           f"at the last step: {', '.join(improving)} (validation errors at {at}: {shown})"  # fmt: skip
 
 
 # ---- the figures ---------------------------------------------------------------------------------------------------
@@ -323,32 +365,36 @@ def plot_students(path: str, seeds: list[int], alone: list[list[int]], ensemble:
     save_figure(fig, path)
 
 
-def plot_curves(
-    path: str, curves: dict, learning_rates: list[float], num_students: int, decay_epochs: list[float]
-) -> None:
-    """Validation errors per epoch of the tuning runs: one panel per student, in the ensemble (solid) and alone
-    (dashed), one colour per learning rate; grey lines at the learning-rate decays."""
+def plot_curves(path: str, curves: dict, tuned_at: dict, num_students: int, lr_decay_at: list[float]) -> None:
+    """Validation errors per epoch of the chosen tuning run at every length of the ladder: one panel per student, in
+    the ensemble (solid) and alone (dashed), one colour per length; dotted lines at each length's decays."""
     plt = pyplot()
     import matplotlib.ticker
 
     fig, axes = plt.subplots(1, num_students, figsize=(2.8 * num_students, 3.2), squeeze=False)
     for j, ax in enumerate(axes[0]):
-        for c, lr in enumerate(learning_rates):
-            ens = [e["students"][j] for e in curves["ensemble"][c]]
-            ax.plot(range(1, len(ens) + 1), ens, ".-", ms=3, color=f"C{c}", label=f"in ensemble, lr {lr:g}")
-            alone = curves[f"alone_student{j}"][c]
-            ax.plot(range(1, len(alone) + 1), alone, ".--", ms=3, color=f"C{c}", label=f"alone, lr {lr:g}")
+        for c, (length, arms) in enumerate(curves.items()):
+            lr_e = tuned_at[length]["ensemble"]["best"]["learning_rate"]
+            lr_a = tuned_at[length][f"alone_student{j}"]["best"]["learning_rate"]
+            ens = [e["students"][j] for e in arms["ensemble"]]
+            ax.plot(
+                range(1, len(ens) + 1), ens, ".-", ms=2, color=f"C{c}", label=f"{length:g} ep, ensemble (lr {lr_e:g})"
+            )
+            alone = arms[f"alone_student{j}"]
+            ax.plot(
+                range(1, len(alone) + 1), alone, ".--", ms=2, color=f"C{c}", label=f"{length:g} ep, alone (lr {lr_a:g})"
+            )
+            for m in lr_decay_at:
+                ax.axvline(m * length, color=f"C{c}", lw=0.6, ls=":", zorder=0)
         ax.set_yscale("log")
         lo, hi = ax.get_ylim()
         ax.set_yticks([t for t in (10, 20, 50, 100, 200, 500, 1000, 2000) if lo <= t <= hi])
-        for epoch in decay_epochs:
-            ax.axvline(epoch, color="0.8", lw=0.8, zorder=0)
         ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(f"student {j}", fontsize=9)
         ax.set_xlabel("epoch")
     axes[0][0].set_ylabel("validation errors")
-    axes[0][-1].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=6)
     save_figure(fig, path)
 
 
@@ -359,7 +405,8 @@ def main(argv: list[str] | None = None) -> dict:
     workers = q.workers or min(2, cores)
     one_thread()  # every run uses one thread, so its numbers do not depend on the machine's core count
     if q.quick:
-        q.seeds, q.epochs, q.n_train, q.n_val, q.learning_rates = q.seeds[:2], 1, 300, 200, q.learning_rates[:1]
+        q.seeds, q.epoch_ladder, q.n_train, q.n_val = q.seeds[:2], [1.0, 2.0], 300, 200
+        q.learning_rates = q.learning_rates[:1]
     S = q.num_students
     train_set, val, test = splits(q)
     print(
@@ -377,47 +424,47 @@ def main(argv: list[str] | None = None) -> dict:
         return result
 
     with executor(workers) as pool:
-        # Longest runs first, so the last ones to finish are short (the ensemble costs about all its students).
-        tune = {"ensemble": [pool.submit(ensemble_run, q, q.tune_seed, s, "val") for s in grid]}
-        for j in range(S):
-            tune[f"alone_student{j}"] = [pool.submit(alone_run, q, q.tune_seed, j, s, "val") for s in grid]
-        tune_runs = {}
-
-        def tuned_errors(arm: str, setting: dict) -> int:
-            result = done(f"tune {arm:<14} {setting}", tune[arm][grid.index(setting)].result())
-            tune_runs.setdefault(arm, []).append(result)
-            return sum(result["errors"]) if arm == "ensemble" else result["errors"]
-
-        tuned = tune_arms(grids, tuned_errors)
-        check_paired(q.tune_seed, tune_runs["ensemble"][0], [tune_runs[f"alone_student{j}"][0] for j in range(S)])
-        print_convergence(q, tuned, tune_runs, grid)
-        # Optionally, the length check: each arm's chosen setting for twice the epochs, on validation.
-        longer = {}
-        if q.check_length:
-            longer["ensemble"] = pool.submit(
-                ensemble_run, q, q.tune_seed, tuned["ensemble"]["best"], "val", 2 * q.epochs
-            )
+        # Every setting at every length, longest runs first, so the last ones to finish are short (the ensemble
+        # costs about all its students together).
+        tune = {}
+        for length in reversed(q.epoch_ladder):
+            tune[length, "ensemble"] = [pool.submit(ensemble_run, q, q.tune_seed, s, "val", length) for s in grid]
             for j in range(S):
-                best = tuned[f"alone_student{j}"]["best"]
-                longer[f"alone_student{j}"] = pool.submit(alone_run, q, q.tune_seed, j, best, "val", 2 * q.epochs)
+                arm = f"alone_student{j}"
+                tune[length, arm] = [pool.submit(alone_run, q, q.tune_seed, j, s, "val", length) for s in grid]
+        tuned_at, tune_runs_at = {}, {}
+        for length in q.epoch_ladder:
+            tune_runs = {}
+
+            def tuned_errors(arm: str, setting: dict, length=length, tune_runs=tune_runs) -> int:
+                future = tune[length, arm][grid.index(setting)]
+                result = done(f"tune {length:g} ep {arm:<14} {setting}", future.result())
+                tune_runs.setdefault(arm, []).append(result)
+                return sum(result["errors"]) if arm == "ensemble" else result["errors"]
+
+            tuned_at[length] = tune_arms(grids, tuned_errors)
+            check_paired(q.tune_seed, tune_runs["ensemble"][0], [tune_runs[f"alone_student{j}"][0] for j in range(S)])
+            print_convergence(q, tuned_at[length], tune_runs, grid)
+            tune_runs_at[length] = tune_runs
+        # The length rule, per student in each arm: the ensemble's students are judged one by one (its chosen
+        # setting's run at each length), so a length is long enough only if no student, in or out, still improves.
+        rule_values = {length: length_values(tuned_at[length], tune_runs_at[length], grid, S) for length in tuned_at}
+        length_rule = choose_epochs(rule_values)
+        epochs = length_rule["epochs"] if length_rule["epochs"] is not None else q.epoch_ladder[-1]
+        tuned = tuned_at[epochs]
+        print(length_line(length_rule, epochs, rule_values), flush=True)
 
         finals = {
-            "ensemble": [pool.submit(ensemble_run, q, seed, tuned["ensemble"]["best"], "test") for seed in q.seeds]
+            "ensemble": [
+                pool.submit(ensemble_run, q, seed, tuned["ensemble"]["best"], "test", epochs) for seed in q.seeds
+            ]
         }
         for j in range(S):
             best = tuned[f"alone_student{j}"]["best"]
-            finals[f"alone_student{j}"] = [pool.submit(alone_run, q, seed, j, best, "test") for seed in q.seeds]
+            finals[f"alone_student{j}"] = [pool.submit(alone_run, q, seed, j, best, "test", epochs) for seed in q.seeds]
         runs = {
             arm: [done(f"seed {seed} {arm}", f.result()) for seed, f in zip(q.seeds, fs)] for arm, fs in finals.items()
         }
-        length = {}
-        for arm, future in longer.items():
-            long_run = done(f"{2 * q.epochs:g} epochs {arm}", future.result())
-            short_run = tune_runs[arm][grid.index(tuned[arm]["best"])]
-            if arm == "ensemble":
-                length[arm] = [length_converged(a, b) for a, b in zip(short_run["errors"], long_run["errors"])]
-            else:
-                length[arm] = length_converged(short_run["errors"], long_run["errors"])
     for i, seed in enumerate(q.seeds):
         check_paired(seed, runs["ensemble"][i], [runs[f"alone_student{j}"][i] for j in range(S)])
 
@@ -430,7 +477,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(
         f"\nHeld-out errors on {len(test)} real MNIST digits ({q.arch} students, {len(train_set)} training digits, "
-        f"{q.epochs:g} epochs; seeds {q.seeds}); lr chosen on validation: ensemble "
+        f"{epochs:g} epochs; seeds {q.seeds}); lr chosen on validation: ensemble "
         f"{tuned['ensemble']['best']['learning_rate']:g}, alone "
         f"{[tuned[f'alone_student{j}']['best']['learning_rate'] for j in range(S)]}"
     )
@@ -460,21 +507,6 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"verdict S{j} {widths[j]}: {verdict}")
     m_e = sum(ensemble_mean) / len(ensemble_mean)
     print(f"the ensemble itself (mean of the students' logits): {ensemble_mean} held-out errors, mean {m_e:.1f}")
-    rule = (
-        f"doubling it lowers validation errors by at most max({LENGTH_RULE['abs_tol']:g}, {LENGTH_RULE['rel_tol']:.0%})"
-    )
-    if length:
-        print(
-            f"length: {q.epochs:g} epochs; converged when {rule}; validation errors {q.epochs:g} -> {2 * q.epochs:g}:"
-        )
-
-        def state(r: dict) -> str:
-            return f"{r['short']:g} -> {r['long']:g} {'converged' if r['converged'] else 'NOT converged'}"
-
-        print("  ensemble: " + "; ".join(f"S{j} {state(r)}" for j, r in enumerate(length["ensemble"])))
-        print("  alone:    " + "; ".join(f"S{j} {state(length[f'alone_student{j}'])}" for j in range(S)))
-    else:
-        print(f"length: {q.epochs:g} epochs, not checked (--check_length: converged when {rule})")
     print(f"wall-clock {seconds:.0f} s, {workers} run(s) at a time (not part of the reproducible numbers)")
 
     summary = {
@@ -490,14 +522,21 @@ def main(argv: list[str] | None = None) -> dict:
             "batch_size": q.batch_size,
             "lr_decay_at": q.lr_decay_at,
             "lr_decay_factor": 0.1,
-            "epochs": q.epochs,
+            "epochs": epochs,
             "max_grad_norm": 0.0,
         },
         "tuning": tuned,
-        "validation_curves": {arm: [r["curve"] for r in rs] for arm, rs in tune_runs.items()},
-        "length_check": {"rule": LENGTH_RULE, "epochs": q.epochs, "long_epochs": 2 * q.epochs, **length}
-        if length
-        else None,
+        "tuning_by_length": {f"{length:g}": t for length, t in tuned_at.items()},
+        "validation_curves": {
+            f"{length:g}": {arm: [r["curve"] for r in rs] for arm, rs in runs_at.items()}
+            for length, runs_at in tune_runs_at.items()
+        },
+        "length_rule": {
+            **length_rule,
+            "epochs_used": epochs,
+            "values": {f"{length:g}": v for length, v in rule_values.items()},
+            "stated": LENGTH_RULE,
+        },
         "seeds": q.seeds,
         "test_errors": {
             "alone": alone,
@@ -516,8 +555,11 @@ def main(argv: list[str] | None = None) -> dict:
         for j, s in enumerate(stats)
     ]
     plot_students(f"{q.output_dir}/paired.png", q.seeds, alone, in_ensemble, titles)
-    decays = [m * q.epochs for m in q.lr_decay_at]
-    plot_curves(f"{q.output_dir}/curves.png", summary["validation_curves"], q.learning_rates, S, decays)
+    chosen_curves = {
+        length: {arm: runs_at[arm][grid.index(tuned_at[length][arm]["best"])]["curve"] for arm in runs_at}
+        for length, runs_at in tune_runs_at.items()
+    }
+    plot_curves(f"{q.output_dir}/curves.png", chosen_curves, tuned_at, S, q.lr_decay_at)
     return write_results(
         f"{q.output_dir}/results.json",
         summary,

@@ -62,7 +62,7 @@ def test_adam_l2_is_torch_adam_with_coupled_decay_in_both_arms(recipe, tmp_path)
         (OnlineEnsembleArguments, OnlineEnsembleTrainer, ens),
         (DistillationArguments, ClassificationTrainer, ens.export_student(2)),
     ):
-        args = recipe.run_args(q, str(tmp_path), 0, 1e-3, cls)
+        args = recipe.run_args(q, str(tmp_path), 0, 1e-3, 1, cls)
         trainer = recipe.with_step_decay(trainer_cls, q.lr_decay_at, 0.1)(
             model=model, args=args, optimizer_cls_and_kwargs=adam_l2(args)
         )
@@ -96,17 +96,16 @@ def test_alone_starts_from_its_ensemble_twin_and_sees_its_batches(recipe, tmp_pa
         output_dir=str(tmp_path),
         n_train=64,
         n_val=32,
-        epochs=1,
         batch_size=32,
         num_students=2,
         stage_widths=[4, 8, 8],
         stem_width=4,
     )
-    ens = recipe.ensemble_run(q, 3, {"learning_rate": 1e-2}, "val")
-    alone = recipe.alone_run(q, 3, 0, {"learning_rate": 1e-2}, "val")
+    ens = recipe.ensemble_run(q, 3, {"learning_rate": 1e-2}, "val", 1)
+    alone = recipe.alone_run(q, 3, 0, {"learning_rate": 1e-2}, "val", 1)
     recipe.check_paired(3, ens, [alone])
     assert len(ens["curve"]) == 1 and len(ens["curve"][0]["students"]) == 2 and len(alone["curve"]) == 1
-    other = recipe.alone_run(q, 4, 0, {"learning_rate": 1e-2}, "val")  # another seed: other weights and batches
+    other = recipe.alone_run(q, 4, 0, {"learning_rate": 1e-2}, "val", 1)  # another seed: other weights and batches
     with pytest.raises(RuntimeError, match="not paired"):
         recipe.check_paired(3, ens, [other])
 
@@ -114,11 +113,11 @@ def test_alone_starts_from_its_ensemble_twin_and_sees_its_batches(recipe, tmp_pa
 @pytest.mark.slow  # the whole pipeline in --quick mode (about 15 s): CI's slow tier
 def test_quick_mode_writes_its_results_and_plots(recipe, tmp_path, one_thread):
     # --workers 1: the runs go in this process (a spawned worker could not import a module loaded from a path)
-    summary = recipe.main(["--quick", "--output_dir", str(tmp_path), "--workers", "1", "--check_length"])
+    summary = recipe.main(["--quick", "--output_dir", str(tmp_path), "--workers", "1"])
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     assert on_disk["seeds"] == [0, 1] and on_disk["threads"] == 1 == on_disk["torch_threads"]
-    assert on_disk["command"].endswith("--quick --output_dir " + str(tmp_path) + " --workers 1 --check_length")
+    assert on_disk["command"].endswith("--quick --output_dir " + str(tmp_path) + " --workers 1")
     assert {"hf_kdsearch", "torch", "transformers", "python"} <= set(on_disk["versions"])
     assert on_disk["splits"] == {"train": 300, "validation": 200, "test": 2000, "split_seed": 0}
     S = on_disk["arguments"]["num_students"]
@@ -131,7 +130,7 @@ def test_quick_mode_writes_its_results_and_plots(recipe, tmp_path, one_thread):
     assert len({len(t["trials"]) for t in tuning.values()}) == 1
     for arm in tuning.values():
         assert arm["best"] in [t["setting"] for t in arm["trials"]]
-    curves = on_disk["validation_curves"]
+    curves = on_disk["validation_curves"]["1"]
     assert len(curves["ensemble"][0]) == 1 and len(curves["ensemble"][0][0]["students"]) == S
     errors = on_disk["test_errors"]
     assert len(errors["alone"]) == len(errors["in_ensemble"]) == S
@@ -141,13 +140,31 @@ def test_quick_mode_writes_its_results_and_plots(recipe, tmp_path, one_thread):
     for j, p in enumerate(on_disk["paired"]):
         assert p["n"] == 2 and p["diff"] == sum(e - a for a, e in zip(errors["alone"][j], errors["in_ensemble"][j])) / 2
     assert on_disk["wall_clock_s"] > 0
-    # The length check: each arm's chosen setting at 2 epochs against its 1-epoch tuning run, on validation.
-    check = on_disk["length_check"]
-    assert (check["epochs"], check["long_epochs"]) == (1, 2) and len(check["ensemble"]) == S
-    for j in range(S):
-        assert check["ensemble"][j]["short"] == curves["ensemble"][0][-1]["students"][j]  # one lr in --quick
-        assert check[f"alone_student{j}"]["short"] == tuning[f"alone_student{j}"]["best_val"]
-        for r in (check["ensemble"][j], check[f"alone_student{j}"]):
-            assert r["converged"] == (r["short"] - r["long"] <= r["tolerance"])
+    # The length rule over the ladder (1, 2 epochs in --quick): every student, in the ensemble and alone, judged on
+    # its chosen tuning run at each length; the finals ran at the length it chose (or the longest).
+    rule = on_disk["length_rule"]
+    assert set(on_disk["validation_curves"]) == set(on_disk["tuning_by_length"]) == {"1", "2"}
+    assert rule["epochs_used"] == on_disk["schedule"]["epochs"] == (rule["epochs"] or 2)
+    assert on_disk["tuning"] == on_disk["tuning_by_length"][f"{rule['epochs_used']:g}"]
+    for length in ("1", "2"):
+        values, runs = rule["values"][length], on_disk["validation_curves"][length]
+        assert set(values) == {f"{arm}_S{j}" for arm in ("ensemble", "alone") for j in range(S)}
+        assert len(runs["ensemble"][0]) == int(length)  # a point per epoch
+        for j in range(S):
+            assert values[f"ensemble_S{j}"] == runs["ensemble"][0][-1]["students"][j]  # one lr in --quick
+            assert values[f"alone_S{j}"] == on_disk["tuning_by_length"][length][f"alone_student{j}"]["best_val"]
+    for check in rule["checks"]:
+        assert check["converged"] == (check["improvement"] <= check["tolerance"])
+    assert rule["epochs"] == (1 if all(c["converged"] for c in rule["checks"]) else None)
+
     for png in ("paired.png", "curves.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_length_comes_from_the_ladder(recipe, tmp_path):
+    with pytest.raises(ValueError, match="give --epoch_ladder, not --epochs"):
+        recipe.EnsembleEvidenceArguments(output_dir=str(tmp_path), epochs=50)
+    for ladder in ([100, 50], [50, 50], [0, 50], []):
+        with pytest.raises(ValueError, match="rising order"):
+            recipe.EnsembleEvidenceArguments(output_dir=str(tmp_path), epoch_ladder=ladder)
+    assert recipe.EnsembleEvidenceArguments(output_dir=str(tmp_path)).epoch_ladder == [50, 100]
