@@ -60,7 +60,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
-from mnist_common import ShiftCollate, executor, one_thread, quiet
+from mnist_common import ShiftCollate, executor, length_line, one_thread, quiet
 from recipe_common import with_step_decay
 from transformers import HfArgumentParser, TrainerCallback, set_seed
 
@@ -327,24 +327,6 @@ def length_values(tuned: dict, tune_runs: dict, grid: list[dict], num_students: 
     }
 
 
-def length_line(rule: dict, epochs: float, val: dict) -> str:
-    """`length rule: ...` with each student's validation errors along the ladder."""
-    lengths = list(val)
-    shown = "; ".join(
-        f"{name} " + " / ".join(f"{val[length][name]:g}" for length in lengths) for name in val[lengths[0]]
-    )
-    tol = f"max({LENGTH_RULE['abs_tol']:g}, {LENGTH_RULE['rel_tol']:.0%})"
-    at = " / ".join(f"{length:g}" for length in lengths)
-    if rule["epochs"] is not None:
-        return f"length rule: {epochs:g} epochs long enough for every student, in and out (improvement <= {tol}); " \
-               f"validation errors at {at}: {shown}"  # fmt: skip
-    if len(lengths) == 1:
-        return f"length: {epochs:g} epochs, the only length of the ladder (no rule applied); validation errors {shown}"
-    improving = [name for name, ok in rule["converged"].items() if ok is False]
-    return f"length rule: no length of the ladder long enough; {epochs:g} used. Still improving by more than {tol} " \
-           f"at the last step: {', '.join(improving)} (validation errors at {at}: {shown})"  # fmt: skip
-
-
 # ---- the figures ---------------------------------------------------------------------------------------------------
 def plot_students(path: str, seeds: list[int], alone: list[list[int]], ensemble: list[list[int]], titles: list[str]):
     """One panel per student: a line per seed from its errors alone to its errors in the ensemble; means in red."""
@@ -452,7 +434,7 @@ def main(argv: list[str] | None = None) -> dict:
         length_rule = choose_epochs(rule_values)
         epochs = length_rule["epochs"] if length_rule["epochs"] is not None else q.epoch_ladder[-1]
         tuned = tuned_at[epochs]
-        print(length_line(length_rule, epochs, rule_values), flush=True)
+        print(length_line({**length_rule, "epochs_used": epochs}, of="student"), flush=True)
 
         finals = {
             "ensemble": [

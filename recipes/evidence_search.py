@@ -57,6 +57,7 @@ from mnist_common import (
     ShiftCollate,
     executor,
     held_out_errors,
+    length_line,
     one_thread,
     quiet,
     run_args,
@@ -245,22 +246,6 @@ def student_job(q, family: str, teacher_state: dict, spec: dict, start: str, see
         "cpu_s_per_epoch": sum(clock.epoch_cpu_seconds) / len(clock.epoch_cpu_seconds),
         "curve": {k: clock.curve[k] for k in ("epoch", "seconds", "cpu_seconds", "val_errors")},
     }
-
-
-def length_line(rule: dict) -> str:
-    """`length: L epochs (rule: ...)`, or the longest length with the candidates that were still improving."""
-    epochs, checks = rule["epochs_used"], rule["checks"]
-    tol = f"max({rule['rule']['abs_tol']:g} errors, {rule['rule']['rel_tol']:.0%})"
-    if rule["epochs"] is not None:
-        nxt = next(c["long_epochs"] for c in checks if c["short_epochs"] == epochs)
-        return (f"length: {epochs:g} epochs (rule: {nxt:g} epochs lowered no candidate's validation errors by more "
-                f"than {tol})")  # fmt: skip
-    if not checks:
-        return f"length: {epochs:g} epochs, the only length of the ladder (no rule applied)"
-    last = checks[-1]["short_epochs"]
-    improving = [f"{c['arm']} ({c['short']:g} -> {c['long']:g})" for c in checks
-                 if c["short_epochs"] == last and not c["converged"]]  # fmt: skip
-    return f"length: {epochs:g} epochs, the longest; still improving by more than {tol}: {', '.join(improving)}"
 
 
 # ---- the plots ------------------------------------------------------------------------------------------------------

@@ -280,6 +280,23 @@ def teacher_for(q, pool) -> dict:
     return teacher
 
 
+def length_line(rule: dict, of: str = "candidate") -> str:
+    """`length: L epochs (rule: ...)`, or the longest length with the `of`s (candidates, arms, students) that were
+    still improving; `rule` is `choose_epochs`'s record with `epochs_used`, the length the runs used."""
+    epochs, checks = rule["epochs_used"], rule["checks"]
+    tol = f"max({rule['rule']['abs_tol']:g} errors, {rule['rule']['rel_tol']:.0%})"
+    if rule["epochs"] is not None:
+        nxt = next(c["long_epochs"] for c in checks if c["short_epochs"] == epochs)
+        return (f"length: {epochs:g} epochs (rule: {nxt:g} epochs lowered no {of}'s validation errors by more "
+                f"than {tol})")  # fmt: skip
+    if not checks:
+        return f"length: {epochs:g} epochs, the only length of the ladder (no rule applied)"
+    last = checks[-1]["short_epochs"]
+    improving = [f"{c['arm']} ({c['short']:g} -> {c['long']:g})" for c in checks
+                 if c["short_epochs"] == last and not c["converged"]]  # fmt: skip
+    return f"length: {epochs:g} epochs, the longest; still improving by more than {tol}: {', '.join(improving)}"
+
+
 def tune_lengths(q, arms: list[str], grid: list[dict], final_seeds: dict, submit, done, keep) -> dict:
     """Every setting of `grid` at every length of `q.epoch_ladder`, for every arm, on validation (seed `q.tune_seed`);
     the length chosen by `choose_epochs`, and each arm's best setting at that length.
@@ -318,14 +335,7 @@ def tune_lengths(q, arms: list[str], grid: list[dict], final_seeds: dict, submit
     shown = "; ".join(
         f"{arm} " + " / ".join(f"{tuned[length][arm]['best_val']:g}" for length in q.epoch_ladder) for arm in arms
     )
-    if length_rule["epochs"] is not None:
-        print(f"length rule: {epochs:g} epochs are long enough for every arm (validation errors at {vals}: {shown})")
-    else:
-        improving = [arm for arm, ok in length_rule["converged"].items() if ok is False]
-        print(
-            f"length rule: no length of {q.epoch_ladder} shown long enough; {epochs:g} used. Still improving at "
-            f"the last step: {', '.join(improving) or 'none checked'} (validation errors at {vals}: {shown})"
-        )
+    print(f"{length_line({**length_rule, 'epochs_used': epochs}, of='arm')} (validation errors at {vals}: {shown})")
     return {"tuned": tuned, "length_rule": length_rule, "epochs": epochs, "chosen": chosen, "sealed": sealed}
 
 
